@@ -19,7 +19,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 import gymnasium as gym
 import numpy as np
@@ -47,7 +47,7 @@ class Args:
     """if toggled, this experiment will be tracked with Weights and Biases (sync_tensorboard)"""
     wandb_project_name: str = "qflex-bench"
     """the wandb's project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     """the entity (team) of wandb's project"""
     capture_video: bool = False
     """whether to record the first episode of every evaluation round to videos/{run_name}/"""
@@ -57,7 +57,7 @@ class Args:
     """env transitions between checkpoints (with --save-model)"""
     save_buffer: bool = False
     """also store the replay buffer in checkpoints (exact resume; up to ~3.6 GB on myoLegWalk-v0)"""
-    resume: Optional[str] = None
+    resume: str | None = None
     """path of a checkpoint to continue from, at its step, with its arguments (only budget/output flags may change)"""
     log_every: int = 100
     """gradient updates between scalar logs (losses, SPS)"""
@@ -67,9 +67,9 @@ class Args:
     """the id of the environment (any registered id, or `module:EnvName-v0`)"""
     preset: Literal["paper", "qflex-protocol"] = "qflex-protocol"
     """hyperparameter preset: `paper` (CleanRL's SAC) or `qflex-protocol` (the Qflex authors' comparison)"""
-    total_timesteps: Optional[int] = None
+    total_timesteps: int | None = None
     """total env transitions, summed over all envs (preset: paper 1M, qflex-protocol 20M)"""
-    num_envs: Optional[int] = None
+    num_envs: int | None = None
     """number of parallel envs E (preset: paper 1, qflex-protocol 80)"""
     async_envs: bool = False
     """use gymnasium's AsyncVectorEnv (subprocesses) instead of SyncVectorEnv"""
@@ -81,11 +81,11 @@ class Args:
     """target smoothing coefficient"""
     batch_size: int = 256
     """the batch size of sample from the replay memory"""
-    learning_starts: Optional[int] = None
+    learning_starts: int | None = None
     """env transitions of uniform random actions before updates start (preset: paper 5k, qflex-protocol 30k)"""
     updates_per_step: int = 1
     """gradient updates per vector-env step U (UTD = U / num_envs per transition)"""
-    eval_freq: Optional[int] = None
+    eval_freq: int | None = None
     """env transitions between evaluations (default min(1M, total/20)); 0 disables periodic evaluation"""
     eval_episodes: int = 5
     """episodes per periodic evaluation round (deterministic policy, separate env)"""
@@ -93,35 +93,67 @@ class Args:
     """episodes of the final evaluation (the per-run score)"""
 
     # Algorithm specific arguments
-    policy_lr: Optional[float] = None
+    policy_lr: float | None = None
     """the learning rate of the policy network optimizer (preset: 3e-4)"""
-    q_lr: Optional[float] = None
+    q_lr: float | None = None
     """the learning rate of the Q network optimizer (preset: paper 1e-3, qflex-protocol 3e-4)"""
-    alpha_lr: Optional[float] = None
+    alpha_lr: float | None = None
     """the learning rate of the temperature optimizer (preset: paper 1e-3, qflex-protocol 3e-4)"""
-    policy_frequency: Optional[int] = None
+    policy_frequency: int | None = None
     """policy update period in updates; each period runs that many actor steps (preset: paper 2, qflex-protocol 1)"""
     hidden_dim: int = 256
     """width of every hidden layer"""
-    num_layers: Optional[int] = None
+    num_layers: int | None = None
     """number of hidden layers (preset: paper 2, qflex-protocol 3)"""
-    alpha: Optional[float] = None
+    alpha: float | None = None
     """initial entropy temperature (preset: paper 1, qflex-protocol e)"""
     autotune: bool = True
     """automatic tuning of the entropy temperature towards the target entropy -|A|"""
-    reward_scale: Optional[float] = None
+    reward_scale: float | None = None
     """rewards are multiplied by this inside the update (preset: paper 1, qflex-protocol 0.2)"""
 
 
 PRESETS = {
-    "paper": dict(total_timesteps=1_000_000, num_envs=1, learning_starts=5_000, policy_lr=3e-4, q_lr=1e-3, alpha_lr=1e-3,
-                  policy_frequency=2, num_layers=2, alpha=1.0, reward_scale=1.0),
-    "qflex-protocol": dict(total_timesteps=20_000_000, num_envs=80, learning_starts=30_000, policy_lr=3e-4, q_lr=3e-4,
-                           alpha_lr=3e-4, policy_frequency=1, num_layers=3, alpha=math.e, reward_scale=0.2),
+    "paper": dict(
+        total_timesteps=1_000_000,
+        num_envs=1,
+        learning_starts=5_000,
+        policy_lr=3e-4,
+        q_lr=1e-3,
+        alpha_lr=1e-3,
+        policy_frequency=2,
+        num_layers=2,
+        alpha=1.0,
+        reward_scale=1.0,
+    ),
+    "qflex-protocol": dict(
+        total_timesteps=20_000_000,
+        num_envs=80,
+        learning_starts=30_000,
+        policy_lr=3e-4,
+        q_lr=3e-4,
+        alpha_lr=3e-4,
+        policy_frequency=1,
+        num_layers=3,
+        alpha=math.e,
+        reward_scale=0.2,
+    ),
 }
 # Flags a resumed run may change; everything else comes from the checkpoint so the run continues unchanged.
-RESUME_OVERRIDES = ("total_timesteps", "resume", "save_model", "checkpoint_every", "save_buffer", "cuda", "track",
-                    "wandb_project_name", "wandb_entity", "capture_video", "log_every", "eval_freq")
+RESUME_OVERRIDES = (
+    "total_timesteps",
+    "resume",
+    "save_model",
+    "checkpoint_every",
+    "save_buffer",
+    "cuda",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "capture_video",
+    "log_every",
+    "eval_freq",
+)
 
 
 def resolve_preset(args: Args) -> Args:
@@ -136,9 +168,24 @@ def resolve_preset(args: Args) -> Args:
 
 def validate_args(args: Args) -> None:
     """Raise ValueError with a one-line message for arguments that cannot work."""
-    positive = ["total_timesteps", "num_envs", "buffer_size", "batch_size", "updates_per_step", "eval_episodes",
-                "policy_frequency", "hidden_dim", "num_layers", "checkpoint_every", "log_every", "policy_lr", "q_lr",
-                "alpha_lr", "alpha", "reward_scale"]
+    positive = [
+        "total_timesteps",
+        "num_envs",
+        "buffer_size",
+        "batch_size",
+        "updates_per_step",
+        "eval_episodes",
+        "policy_frequency",
+        "hidden_dim",
+        "num_layers",
+        "checkpoint_every",
+        "log_every",
+        "policy_lr",
+        "q_lr",
+        "alpha_lr",
+        "alpha",
+        "reward_scale",
+    ]
     for name in positive:
         if not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -160,10 +207,16 @@ def load_checkpoint(path: str) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for truncated or foreign files
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("algo") != "sac":
         raise ValueError(f"{path} is not a sac.py checkpoint")
     return checkpoint
+
+
+def crossed(prev_step: int, step: int, period: int) -> bool:
+    """Whether a vector step from prev_step to step passed a multiple of period (steps advance by num_envs)."""
+    return step // period > prev_step // period
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -200,8 +253,14 @@ class ReplayBuffer:
     def add(self, obs, actions, rewards, next_obs, terminations, truncations):
         n = len(obs)
         idx = torch.arange(self.pos, self.pos + n, device=self.device) % self.capacity
-        for storage, rows in ((self.obs, obs), (self.actions, actions), (self.rewards, rewards), (self.next_obs, next_obs),
-                              (self.terminations, terminations), (self.truncations, truncations)):
+        for storage, rows in (
+            (self.obs, obs),
+            (self.actions, actions),
+            (self.rewards, rewards),
+            (self.next_obs, next_obs),
+            (self.terminations, terminations),
+            (self.truncations, truncations),
+        ):
             storage[idx] = torch.as_tensor(rows, dtype=torch.float32).to(self.device, non_blocking=True)
         self.pos = (self.pos + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
@@ -212,9 +271,16 @@ class ReplayBuffer:
 
     def state_dict(self) -> dict:
         n = self.size
-        return dict(pos=self.pos, size=n, obs=self.obs[:n].cpu(), next_obs=self.next_obs[:n].cpu(),
-                    actions=self.actions[:n].cpu(), rewards=self.rewards[:n].cpu(),
-                    terminations=self.terminations[:n].cpu(), truncations=self.truncations[:n].cpu())
+        return dict(
+            pos=self.pos,
+            size=n,
+            obs=self.obs[:n].cpu(),
+            next_obs=self.next_obs[:n].cpu(),
+            actions=self.actions[:n].cpu(),
+            rewards=self.rewards[:n].cpu(),
+            terminations=self.terminations[:n].cpu(),
+            truncations=self.truncations[:n].cpu(),
+        )
 
     def load_state_dict(self, state: dict) -> None:
         n = state["size"]
@@ -259,8 +325,9 @@ LOG_STD_CLIP = (-20.0, 0.5)  # qflex-protocol (relax create_sac_net): hard clip
 class Actor(nn.Module):
     """Tanh-Gaussian policy. `paper`: separate mu/log-std heads, tanh-squashed log-std; else one 2d head, clipped."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, activation, jax_init: bool,
-                 paper_heads: bool):
+    def __init__(
+        self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, activation, jax_init: bool, paper_heads: bool
+    ):
         super().__init__()
         self.paper_heads = paper_heads
         self.trunk = mlp(obs_dim, hidden_dim, num_layers, activation, jax_init)
@@ -322,17 +389,31 @@ if __name__ == "__main__":
     except (ValueError, EnvIdError) as e:
         sys.exit(f"{args.exp_name}.py: error: {e}")
 
-    run_name = checkpoint["run_name"] if checkpoint else f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = checkpoint["run_name"] if checkpoint else run_name
     if args.track:
         import wandb
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
-                   name=run_name, save_code=True, resume="allow" if checkpoint else None)
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+            resume="allow" if checkpoint else None,
+        )
     start_step = checkpoint["global_step"] if checkpoint else 0
     writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step if checkpoint else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    atomic_write_json(dict(vars(args), run_name=run_name, versions={"torch": torch.__version__, "gymnasium": gym.__version__,
-                                                                     "numpy": np.__version__}), f"runs/{run_name}/config.json")
+    atomic_write_json(
+        dict(
+            vars(args),
+            run_name=run_name,
+            versions={"torch": torch.__version__, "gymnasium": gym.__version__, "numpy": np.__version__},
+        ),
+        f"runs/{run_name}/config.json",
+    )
     print(f"{run_name}: preset {args.preset}, " + ", ".join(f"{k}={getattr(args, k)}" for k in PRESETS[args.preset]))
 
     # TRY NOT TO MODIFY: seeding
@@ -378,9 +459,16 @@ if __name__ == "__main__":
 
     global_step, num_updates = start_step, 0
     if checkpoint:
-        for module, key in ((actor, "actor"), (qf1, "qf1"), (qf2, "qf2"), (qf1_target, "qf1_target"),
-                            (qf2_target, "qf2_target"), (q_optimizer, "q_optimizer"), (actor_optimizer, "actor_optimizer"),
-                            (a_optimizer, "a_optimizer")):
+        for module, key in (
+            (actor, "actor"),
+            (qf1, "qf1"),
+            (qf2, "qf2"),
+            (qf1_target, "qf1_target"),
+            (qf2_target, "qf2_target"),
+            (q_optimizer, "q_optimizer"),
+            (actor_optimizer, "actor_optimizer"),
+            (a_optimizer, "a_optimizer"),
+        ):
             module.load_state_dict(checkpoint[key])
         with torch.no_grad():
             log_alpha.copy_(checkpoint["log_alpha"])
@@ -398,14 +486,31 @@ if __name__ == "__main__":
 
     def save_checkpoint():
         os.makedirs(f"models/{run_name}", exist_ok=True)
-        state = dict(algo="sac", args=vars(args), run_name=run_name, global_step=global_step, num_updates=num_updates,
-                     actor=actor.state_dict(), qf1=qf1.state_dict(), qf2=qf2.state_dict(), qf1_target=qf1_target.state_dict(),
-                     qf2_target=qf2_target.state_dict(), q_optimizer=q_optimizer.state_dict(),
-                     actor_optimizer=actor_optimizer.state_dict(), a_optimizer=a_optimizer.state_dict(),
-                     log_alpha=log_alpha.detach().cpu(),
-                     rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                              act=act_generator.get_state(), update=update_generator.get_state(),
-                              replay=replay_generator.get_state(), warmup=warmup_rng.bit_generator.state))
+        state = dict(
+            algo="sac",
+            args=vars(args),
+            run_name=run_name,
+            global_step=global_step,
+            num_updates=num_updates,
+            actor=actor.state_dict(),
+            qf1=qf1.state_dict(),
+            qf2=qf2.state_dict(),
+            qf1_target=qf1_target.state_dict(),
+            qf2_target=qf2_target.state_dict(),
+            q_optimizer=q_optimizer.state_dict(),
+            actor_optimizer=actor_optimizer.state_dict(),
+            a_optimizer=a_optimizer.state_dict(),
+            log_alpha=log_alpha.detach().cpu(),
+            rng=dict(
+                python=random.getstate(),
+                numpy=np.random.get_state(),
+                torch=torch.get_rng_state(),
+                act=act_generator.get_state(),
+                update=update_generator.get_state(),
+                replay=replay_generator.get_state(),
+                warmup=warmup_rng.bit_generator.state,
+            ),
+        )
         if args.save_buffer:
             state["replay_buffer"] = rb.state_dict()
         atomic_torch_save(state, f"models/{run_name}/checkpoint.pt")
@@ -415,6 +520,14 @@ if __name__ == "__main__":
         """Evaluation action: tanh(mu), already in [-1, 1]."""
         mean, _ = actor(torch.as_tensor(obs, device=device))
         return torch.tanh(mean).cpu().numpy()
+
+    def stop_if_nonfinite():
+        """One host sync; called at log steps and before every checkpoint, so no bad state is ever saved."""
+        if nonfinite.item():
+            sys.exit(
+                f"{args.exp_name}.py: error: non-finite loss by step {global_step} (update {num_updates}); "
+                "stopped, the last good checkpoint is kept"
+            )
 
     # Loss tensors stay on the device; they are read (synchronising) only at log steps.
     zero = torch.zeros((), device=device)
@@ -463,9 +576,15 @@ if __name__ == "__main__":
                 with torch.no_grad():
                     next_noise = torch.randn((args.batch_size, act_dim), device=device, generator=update_generator)
                     next_actions, next_log_prob = actor.sample(b_next_obs, next_noise, exact_log_det=not paper)
-                    next_q_value = soft_q_target(args.reward_scale * b_rewards, b_terminations,
-                                                 qf1_target(b_next_obs, next_actions), qf2_target(b_next_obs, next_actions),
-                                                 next_log_prob, alpha, args.gamma)
+                    next_q_value = soft_q_target(
+                        args.reward_scale * b_rewards,
+                        b_terminations,
+                        qf1_target(b_next_obs, next_actions),
+                        qf2_target(b_next_obs, next_actions),
+                        next_log_prob,
+                        alpha,
+                        args.gamma,
+                    )
                 qf1_a_values = qf1(b_obs, b_actions)
                 qf2_a_values = qf2(b_obs, b_actions)
                 qf1_loss = F.mse_loss(qf1_a_values, next_q_value)
@@ -487,8 +606,9 @@ if __name__ == "__main__":
                         if args.autotune:
                             if paper:  # CleanRL: fresh sample, loss written in alpha
                                 with torch.no_grad():
-                                    alpha_noise = torch.randn((args.batch_size, act_dim), device=device,
-                                                              generator=update_generator)
+                                    alpha_noise = torch.randn(
+                                        (args.batch_size, act_dim), device=device, generator=update_generator
+                                    )
                                     _, log_pi = actor.sample(b_obs, alpha_noise, exact_log_det=False)
                                 alpha_loss = (-log_alpha.exp() * (log_pi + target_entropy)).mean()
                             else:  # relax: the actor step's log pi, loss written in log alpha
@@ -508,9 +628,7 @@ if __name__ == "__main__":
                 num_updates += 1
                 nonfinite |= ~torch.isfinite(qf1_loss + qf2_loss + actor_loss)
                 if num_updates % args.log_every == 0:
-                    if nonfinite.item():
-                        sys.exit(f"{args.exp_name}.py: error: non-finite loss at step {global_step} "
-                                 f"(update {num_updates}); stopped, the last good checkpoint is kept")
+                    stop_if_nonfinite()
                     sps = int((global_step - start_step) / (time.time() - start_time))
                     writer.add_scalar("losses/qf1_values", qf1_a_values.mean().item(), global_step)
                     writer.add_scalar("losses/qf2_values", qf2_a_values.mean().item(), global_step)
@@ -525,18 +643,15 @@ if __name__ == "__main__":
                     progress.set_postfix(SPS=sps, ret=f"{last_return:.1f}", refresh=False)
 
         # Evaluation and checkpoints happen when global_step crosses a multiple of their period.
-        if args.eval_freq and global_step // args.eval_freq > prev_step // args.eval_freq and global_step < args.total_timesteps:
+        if args.eval_freq and crossed(prev_step, global_step, args.eval_freq) and global_step < args.total_timesteps:
             result = evaluate(eval_env, deterministic_action, args.eval_episodes, args.seed + 10_000)
             for key, value in result.scalars().items():
                 writer.add_scalar(key, value, global_step)
-        if args.save_model and global_step // args.checkpoint_every > prev_step // args.checkpoint_every:
-            if nonfinite.item():
-                sys.exit(f"{args.exp_name}.py: error: non-finite loss before step {global_step}; "
-                         "stopped, the last good checkpoint is kept")
+        if args.save_model and crossed(prev_step, global_step, args.checkpoint_every):
+            stop_if_nonfinite()
             save_checkpoint()
 
-    if nonfinite.item():
-        sys.exit(f"{args.exp_name}.py: error: non-finite loss before step {global_step}; stopped, the last good checkpoint is kept")
+    stop_if_nonfinite()
     if args.save_model:
         save_checkpoint()
         print(f"checkpoint saved to models/{run_name}/checkpoint.pt")
@@ -545,10 +660,20 @@ if __name__ == "__main__":
         scalars = result.scalars()
         for key, value in scalars.items():
             writer.add_scalar(key, value, global_step)
-        atomic_write_json(dict(scalars, global_step=global_step, num_updates=num_updates, episodes=args.final_eval_episodes,
-                               wall_time=time.time() - start_time), f"runs/{run_name}/final_eval.json")
-        print(f"final eval over {args.final_eval_episodes} episodes: return {scalars['eval/episodic_return']:.2f} "
-              f"± {scalars['eval/episodic_return_std']:.2f}")
+        atomic_write_json(
+            dict(
+                scalars,
+                global_step=global_step,
+                num_updates=num_updates,
+                episodes=args.final_eval_episodes,
+                wall_time=time.time() - start_time,
+            ),
+            f"runs/{run_name}/final_eval.json",
+        )
+        print(
+            f"final eval over {args.final_eval_episodes} episodes: return {scalars['eval/episodic_return']:.2f} "
+            f"± {scalars['eval/episodic_return_std']:.2f}"
+        )
 
     progress.close()
     envs.close()

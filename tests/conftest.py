@@ -1,0 +1,49 @@
+"""Shared helpers for the script-level tests: run `algos/<algo>.py` in a scratch directory and read its logs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# No network, no W&B, headless rendering; one BLAS thread so parallel test processes do not oversubscribe 2 cores.
+TEST_ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"}
+
+
+def run_algo(algo: str, *flags: str, cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run `python algos/<algo>.py FLAGS` in `cwd` and return the finished process (stdout+stderr in .stdout)."""
+    env = dict(os.environ, **TEST_ENV)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "algos" / f"{algo}.py"), *flags],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"{algo}.py {' '.join(flags)} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
+    return proc
+
+
+def run_dirs(cwd: Path) -> list[Path]:
+    return sorted((cwd / "runs").iterdir()) if (cwd / "runs").exists() else []
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every TensorBoard scalar of a run as {tag: [(step, value), ...]} in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
+    """A clean failure: non-zero exit, the message present, no Python traceback."""
+    assert proc.returncode != 0, proc.stdout
+    assert fragment in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stdout, proc.stdout
