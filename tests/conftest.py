@@ -10,11 +10,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # No network, no W&B, headless rendering; one BLAS thread so parallel test processes do not oversubscribe 2 cores.
 TEST_ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"}
+for _name in ("WANDB_MODE", "HF_HUB_OFFLINE", "MUJOCO_GL"):  # the in-process tests get the same guarantees
+    os.environ.setdefault(_name, TEST_ENV[_name])
 
 
-def run_algo(algo: str, *flags: str, cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+def run_algo(
+    algo: str, *flags: str, cwd: Path, check: bool = True, timeout: float = 900, extra_env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run `python algos/<algo>.py FLAGS` in `cwd` and return the finished process (stdout+stderr in .stdout)."""
-    env = dict(os.environ, **TEST_ENV)
+    env = {**os.environ, **TEST_ENV, **(extra_env or {})}
     proc = subprocess.run(
         [sys.executable, str(REPO / "algos" / f"{algo}.py"), *flags],
         cwd=cwd,
