@@ -534,6 +534,10 @@ if __name__ == "__main__":
     qf1_loss = qf2_loss = qf1_a_values = qf2_a_values = actor_loss = alpha_loss = zero
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 
+    if args.eval_freq and global_step == 0:  # the untrained policy, so every curve starts at step 0
+        for key, value in evaluate(eval_env, deterministic_action, args.eval_episodes, args.seed + 10_000).scalars().items():
+            writer.add_scalar(key, value, 0)
+
     # TRY NOT TO MODIFY: start the game
     start_time = time.time()
     last_return = float("nan")
