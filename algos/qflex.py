@@ -505,8 +505,9 @@ if __name__ == "__main__":
             checkpoint = load_checkpoint(args.resume)
             cli = vars(args).copy()
             args = Args(**checkpoint["args"])
-            for name in RESUME_OVERRIDES:
-                if cli[name] is not None:
+            defaults = vars(Args())
+            for name in RESUME_OVERRIDES:  # only flags given with a non-default value change the resumed run
+                if cli[name] != defaults[name]:
                     setattr(args, name, cli[name])
         resolve_preset(args)
         validate_args(args)

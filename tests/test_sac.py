@@ -73,7 +73,8 @@ def test_checkpoint_resume_continues_at_same_step(tmp_path):
     checkpoint = torch.load(checkpoint_path, weights_only=False)
     assert checkpoint["global_step"] == 400 and checkpoint["replay_buffer"]["size"] == 400
     updates_before = checkpoint["num_updates"]
-    run_algo("sac", "--resume", str(checkpoint_path), "--total-timesteps", "600", "--save-model", cwd=tmp_path)
+    # --save-model and the other output flags carry over from the checkpoint unless given again
+    run_algo("sac", "--resume", str(checkpoint_path), "--total-timesteps", "600", cwd=tmp_path)
     assert run_dirs(tmp_path) == [run_dir]  # the resumed run keeps logging into the same run directory
     resumed = torch.load(checkpoint_path, weights_only=False)
     assert resumed["global_step"] == 600 and resumed["num_updates"] == updates_before + 100
