@@ -1,5 +1,6 @@
 """Shared helpers for the script-level tests: run `algos/<algo>.py` in a scratch directory and read its logs."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +13,16 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"}
 for _name in ("WANDB_MODE", "HF_HUB_OFFLINE", "MUJOCO_GL"):  # the in-process tests get the same guarantees
     os.environ.setdefault(_name, TEST_ENV[_name])
+
+
+def load_script(relative_path: str, name: str | None = None):
+    """Import a script such as "algos/qflex.py" as a module (its `__main__` block does not run) to test its functions."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(name or f"{path.stem}_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_algo(

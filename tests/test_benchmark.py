@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TEST_ENV
+from tests.conftest import REPO, TEST_ENV, load_script
 
 OTHER_ALGOS = [a for a in ("crossq", "qflex", "dacer", "sdac") if (REPO / "algos" / f"{a}.py").is_file()]
 ALGOS = OTHER_ALGOS[:1] + ["sac"]  # falls back to sac alone while the other scripts do not exist yet
@@ -215,14 +215,10 @@ def check_plot(sweep, out: Path):
 
 
 def test_normalisation_and_bootstrap_helpers():
-    import importlib.util
 
     import numpy as np
 
-    spec = importlib.util.spec_from_file_location("bench_plot", REPO / "benchmark" / "plot.py")
-    plot = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = plot  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(plot)
+    plot = load_script("benchmark/plot.py", "bench_plot")
     ref = plot.reference_for("ChainReach64-v0")
     assert plot.normalize(ref.low, ref) == 0.0 and plot.normalize(0.0, ref) == 1.0
     assert plot.reference_for("myoLegWalk-v0").metric == "success" and plot.reference_for("Ant-v5") is None

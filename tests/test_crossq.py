@@ -1,6 +1,5 @@
 """Tests of algos/crossq.py: BatchRenorm against its formulas, the pure maths, script smoke/resume/error runs, learning."""
 
-import importlib.util
 import json
 import math
 
@@ -8,16 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import REPO, assert_one_line_error, read_scalars, run_algo, run_dirs
+from tests.conftest import assert_one_line_error, load_script, read_scalars, run_algo, run_dirs
 
 
 @pytest.fixture(scope="module")
 def cq():
     """algos/crossq.py as a module (its main block does not run)."""
-    spec = importlib.util.spec_from_file_location("crossq_under_test", REPO / "algos" / "crossq.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("algos/crossq.py")
 
 
 def batch(n=64, features=5, seed=0):

@@ -3,7 +3,6 @@
 The pure functions are imported from the script itself (it is not a package module, so it is loaded by path).
 """
 
-import importlib.util
 import json
 import math
 
@@ -11,17 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import REPO, assert_one_line_error, read_scalars, run_algo, run_dirs
+from tests.conftest import assert_one_line_error, load_script, read_scalars, run_algo, run_dirs
 
-
-def load_qflex():
-    spec = importlib.util.spec_from_file_location("qflex_script", REPO / "algos" / "qflex.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-qflex = load_qflex()
+qflex = load_script("algos/qflex.py")
 
 D = 6  # action dimension of the analytic tests
 ETA = 0.01
