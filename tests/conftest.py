@@ -1,6 +1,7 @@
 """Shared helpers for the script-level tests: run `algos/<algo>.py` in a scratch directory and read its logs."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -25,23 +26,27 @@ def load_script(relative_path: str, name: str | None = None):
     return module
 
 
-def run_algo(
-    algo: str, *flags: str, cwd: Path, check: bool = True, timeout: float = 900, extra_env: dict | None = None
+def run_script(
+    relative_path: str, *flags: str, cwd: Path, check: bool = True, timeout: float = 900, extra_env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """Run `python algos/<algo>.py FLAGS` in `cwd` and return the finished process (stdout+stderr in .stdout)."""
+    """Run `python <repo>/<relative_path> FLAGS` in `cwd`; return the finished process (stdout+stderr in .stdout)."""
     env = {**os.environ, **TEST_ENV, **(extra_env or {})}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "algos" / f"{algo}.py"), *flags],
-        cwd=cwd,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=timeout,
-    )
+    proc = subprocess.run([sys.executable, str(REPO / relative_path), *flags], cwd=cwd, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)  # fmt: skip
     if check and proc.returncode != 0:
-        pytest.fail(f"{algo}.py {' '.join(flags)} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
+        pytest.fail(f"{relative_path} {' '.join(flags)} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
     return proc
+
+
+def run_algo(algo: str, *flags: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run `python algos/<algo>.py FLAGS` (keyword arguments as for run_script)."""
+    return run_script(f"algos/{algo}.py", *flags, **kwargs)
+
+
+def final_eval(cwd: Path) -> dict:
+    """The final_eval.json of the only run under `cwd`."""
+    (run_dir,) = run_dirs(cwd)
+    return json.loads((run_dir / "final_eval.json").read_text())
 
 
 def run_dirs(cwd: Path) -> list[Path]:

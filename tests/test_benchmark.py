@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TEST_ENV, load_script
+from tests.conftest import REPO, TEST_ENV, load_script, run_script
 
 OTHER_ALGOS = [a for a in ("crossq", "qflex", "dacer", "sdac") if (REPO / "algos" / f"{a}.py").is_file()]
 ALGOS = OTHER_ALGOS[:1] + ["sac"]  # falls back to sac alone while the other scripts do not exist yet
@@ -34,18 +34,7 @@ sys.exit(3)
 
 
 def bench(script: str, *args: str, cwd: Path, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmark" / script), *args],
-        cwd=cwd,
-        env=dict(os.environ, **TEST_ENV),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        pytest.fail(f"{script} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
-    return proc
+    return run_script(f"benchmark/{script}", *args, cwd=cwd, check=check, timeout=timeout)
 
 
 def statuses(sweep: Path) -> dict[str, dict]:

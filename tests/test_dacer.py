@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import assert_one_line_error, load_script, read_scalars, run_algo, run_dirs
+from tests.conftest import assert_one_line_error, final_eval, load_script, read_scalars, run_algo, run_dirs
 
 dacer = load_script("algos/dacer.py")
 
@@ -228,5 +228,5 @@ LEARNING_THRESHOLD = -85.0
 def test_learns_chain_reach4(tmp_path):
     """DACER on ChainReach4-v0 ends clearly above its untrained policy."""
     run_algo("dacer", *LEARNING_FLAGS, cwd=tmp_path)
-    final = json.loads((run_dirs(tmp_path)[0] / "final_eval.json").read_text())
+    final = final_eval(tmp_path)
     assert final["eval/episodic_return"] > LEARNING_THRESHOLD, final

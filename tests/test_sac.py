@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.conftest import assert_one_line_error, read_scalars, run_algo, run_dirs
+from tests.conftest import assert_one_line_error, final_eval, read_scalars, run_algo, run_dirs
 
 # Tiny but complete: warm-up ends well before the budget, so updates, logging and one evaluation all run.
 TINY = [
@@ -166,5 +166,5 @@ LEARNING_THRESHOLD = -70.0
 def test_learns_chain_reach4(tmp_path):
     """SAC (paper preset, 2x128) on ChainReach4-v0 ends clearly above the random policy."""
     run_algo("sac", *LEARNING_FLAGS, cwd=tmp_path)
-    final = json.loads((run_dirs(tmp_path)[0] / "final_eval.json").read_text())
+    final = final_eval(tmp_path)
     assert final["eval/episodic_return"] > LEARNING_THRESHOLD, final
