@@ -141,6 +141,11 @@ def build_specs(algos, env_ids, seeds, extra_args, python: str, algos_dir: Path,
     return specs
 
 
+def spec_fields(spec: dict) -> dict:
+    """The identity of a run as every status record carries it."""
+    return {name: spec[name] for name in ("key", "algo", "env_id", "seed", "exp_name", "extra_args")}
+
+
 def now_iso() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
@@ -370,12 +375,7 @@ class RunHandle:
             preexec_fn=set_parent_death_signal if sys.platform.startswith("linux") else None,
         )
         self.record = dict(
-            key=spec["key"],
-            algo=spec["algo"],
-            env_id=spec["env_id"],
-            seed=spec["seed"],
-            exp_name=spec["exp_name"],
-            extra_args=spec["extra_args"],
+            spec_fields(spec),
             command=command,
             status="running",
             exit_code=None,
@@ -518,12 +518,7 @@ def plan(sweep: SweepDir, specs: list[dict], retry_failed: bool) -> tuple[list[d
         if sweep.read_status(spec["key"]) is None:
             sweep.write_status(
                 dict(
-                    key=spec["key"],
-                    algo=spec["algo"],
-                    env_id=spec["env_id"],
-                    seed=spec["seed"],
-                    exp_name=spec["exp_name"],
-                    extra_args=spec["extra_args"],
+                    spec_fields(spec),
                     command=spec["command"],
                     status="pending",
                     attempts=0,
