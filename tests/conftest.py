@@ -67,3 +67,17 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> N
     assert proc.returncode != 0, proc.stdout
     assert fragment in proc.stdout, proc.stdout
     assert "Traceback" not in proc.stdout, proc.stdout
+
+
+def resume_to(algo: str, run_dir: Path, checkpoint_path: Path, total_timesteps: int, cwd: Path) -> dict:
+    """Resume `run_dir`'s run from its checkpoint up to `total_timesteps`; check it logged on into the same directory
+    past the old end without rewinding, and return the new checkpoint."""
+    import torch
+
+    step_before = torch.load(checkpoint_path, weights_only=False)["global_step"]
+    resume = ["--resume", str(checkpoint_path), "--total-timesteps", str(total_timesteps), "--save-model"]
+    run_algo(algo, *resume, "--log-every", "10", "--eval-freq", "0", cwd=cwd)
+    assert run_dirs(cwd) == [run_dir]
+    steps = [s for s, _ in read_scalars(run_dir)["charts/updates"]]
+    assert steps == sorted(steps) and steps[-1] > step_before and any(s <= step_before for s in steps)
+    return torch.load(checkpoint_path, weights_only=False)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import assert_one_line_error, final_eval, load_script, read_scalars, run_algo, run_dirs
+from tests.conftest import assert_one_line_error, final_eval, load_script, read_scalars, resume_to, run_algo, run_dirs
 
 dacer = load_script("algos/dacer.py")
 
@@ -199,13 +199,8 @@ def test_smoke_paper_preset_and_resume_continues_at_same_step(tmp_path):
     checkpoint = torch.load(checkpoint_path, weights_only=False)
     assert checkpoint["global_step"] == 300 and checkpoint["num_updates"] == 101
     assert checkpoint["num_policy_updates"] == 51 and (checkpoint["std_ema"] > 0).all()
-    resume = ["--resume", str(checkpoint_path), "--total-timesteps", "400", "--save-model", "--log-every", "10"]
-    run_algo("dacer", *resume, "--eval-freq", "0", cwd=tmp_path)
-    assert run_dirs(tmp_path) == [run_dir]
-    resumed = torch.load(checkpoint_path, weights_only=False)
+    resumed = resume_to("dacer", run_dir, checkpoint_path, 400, cwd=tmp_path)
     assert resumed["global_step"] == 400 and resumed["num_updates"] == 151 and resumed["num_policy_updates"] == 76
-    steps = [s for s, _ in read_scalars(run_dir)["charts/updates"]]
-    assert steps == sorted(steps) and steps[-1] > 300 and any(s <= 300 for s in steps)
 
 
 def test_bad_input_fails_in_one_line(tmp_path):
