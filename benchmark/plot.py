@@ -400,6 +400,13 @@ def write_csv(path: Path, rows: list[dict]) -> None:
             writer.writerow({k: (fmt(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def title_above(ax, text: str, x: float, points: float, fontsize: float) -> None:
+    """A title `points` above the top of `ax` at axes-fraction `x`: rliable's strips have their own axes titles at the top."""
+    ha = "left" if x == 0.0 else "center"
+    ax.annotate(text, xy=(x, 1.0), xycoords="axes fraction", xytext=(0, points), textcoords="offset points",
+                fontsize=fontsize, ha=ha, va="bottom")  # fmt: skip
+
+
 def aggregate(runs, algos, colors, out: Path, name: str, reps: int, seed: int, ours: str):
     """rliable aggregates; returns (markdown lines, notes)."""
     import matplotlib.pyplot as plt
@@ -439,17 +446,7 @@ def aggregate(runs, algos, colors, out: Path, name: str, reps: int, seed: int, o
         row_height=max(0.37, 1.2 / len(included)),
         xlabel_y_coordinate=-0.45 / (max(0.37, 1.2 / len(included)) * len(included)),
     )
-    # rliable's figure is a short strip whose axes titles stick out at the top: anchor the title above them
-    axes[0].annotate(
-        f"{name}: {header}; 95% stratified-bootstrap CIs ({reps} reps)",
-        xy=(0.0, 1.0),
-        xycoords="axes fraction",
-        xytext=(0, 28),
-        textcoords="offset points",
-        fontsize=10,
-        ha="left",
-        va="bottom",
-    )
+    title_above(axes[0], f"{name}: {header}; 95% stratified-bootstrap CIs ({reps} reps)", x=0.0, points=28, fontsize=10)
     fig.savefig(out / f"{name}_aggregate.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     agg_rows = []
@@ -499,16 +496,7 @@ def aggregate(runs, algos, colors, out: Path, name: str, reps: int, seed: int, o
         np.random.seed(seed)
         poi, poi_cis = rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=reps)
         ax = plot_utils.plot_probability_of_improvement(poi, poi_cis, figsize=(4.5, 0.6 + 0.5 * len(pairs)))
-        ax.annotate(
-            f"{name}: P({ours} > baseline)\n{header}",
-            xy=(0.5, 1.0),
-            xycoords="axes fraction",
-            xytext=(0, 24),
-            textcoords="offset points",
-            fontsize=9,
-            ha="center",
-            va="bottom",
-        )
+        title_above(ax, f"{name}: P({ours} > baseline)\n{header}", x=0.5, points=24, fontsize=9)
         ax.figure.savefig(out / f"{name}_probability_of_improvement.png", dpi=120, bbox_inches="tight")
         plt.close(ax.figure)
         poi_rows = [
