@@ -113,6 +113,11 @@ class Run:
 RUN_NAME = re.compile(r"^(?P<env>.+)__(?P<exp>.+)__(?P<seed>-?\d+)__(?P<time>\d+)$")
 
 
+def natural_key(text: str) -> list:
+    """Sort key that orders numbers by value: ChainReach4 < ChainReach16 < ChainReach64 (plain sorting puts 16 first)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
 def find_run_dirs(roots: list[str]) -> list[Path]:
     found = []
     for root in roots:
@@ -195,7 +200,7 @@ def load_runs(roots: list[str]) -> list[Run]:
             warnings.warn(f"{key} appears twice; using {newer.path}, ignoring {older.path}", stacklevel=2)
             run = newer
         runs[key] = run
-    return sorted(runs.values(), key=lambda r: (r.env_id, r.algo, r.seed))
+    return sorted(runs.values(), key=lambda r: (natural_key(r.env_id), r.algo, r.seed))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,7 +258,7 @@ def score_matrix(runs: list[Run], algos: list[str], tasks: list[str]) -> dict[st
 def select_aggregate(runs: list[Run], algos: list[str]) -> tuple[list[str], list[str], list[str]]:
     """Tasks and algorithms that enter the aggregates, plus warnings about what was left out."""
     notes = []
-    envs = sorted({r.env_id for r in runs})
+    envs = sorted({r.env_id for r in runs}, key=natural_key)
     tasks = []
     for env_id in envs:
         ref = reference_for(env_id)
@@ -302,7 +307,7 @@ def algo_colors(algos: list[str]) -> dict[str, tuple]:
 def plot_curves(runs, algos, colors, out: Path, name: str, reps: int, rng, wall_time: bool) -> Path:
     import matplotlib.pyplot as plt
 
-    envs = sorted({r.env_id for r in runs})
+    envs = sorted({r.env_id for r in runs}, key=natural_key)
     ncols = min(3, len(envs))
     nrows = math.ceil(len(envs) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(max(6.5, 4.6 * ncols), 3.4 * nrows + 0.8), squeeze=False)
@@ -352,7 +357,7 @@ def plot_curves(runs, algos, colors, out: Path, name: str, reps: int, rng, wall_
 
 def per_cell_rows(runs: list[Run], algos: list[str]) -> list[dict]:
     rows = []
-    for env_id in sorted({r.env_id for r in runs}):
+    for env_id in sorted({r.env_id for r in runs}, key=natural_key):
         ref = reference_for(env_id)
         for algo in algos:
             group = [r for r in runs if r.env_id == env_id and r.algo == algo]
@@ -531,7 +536,7 @@ def markdown_table(rows: list[dict], name: str) -> list[str]:
         "env transitions, seeds, wall time per run (minutes, mean ± std).",
         "",
     ]
-    for env_id in sorted({r["env_id"] for r in rows}):
+    for env_id in sorted({r["env_id"] for r in rows}, key=natural_key):
         group = [r for r in rows if r["env_id"] == env_id]
         budget = fmt_steps(max(r["transitions"] for r in group))
         lines += [
@@ -631,7 +636,7 @@ def main(argv=None) -> int:
     agg_lines, notes = aggregate(runs, algos, colors, out, args.name, args.reps, args.seed, args.ours)
     for note in notes:
         print(f"plot.py: warning: {note}", file=sys.stderr)
-    envs = sorted({r.env_id for r in runs})
+    envs = sorted({r.env_id for r in runs}, key=natural_key)
     lines = markdown_table(rows, args.name) + agg_lines + reference_lines(envs)
     if notes:
         lines += ["## Notes", ""] + [f"* {n}" for n in notes] + [""]
