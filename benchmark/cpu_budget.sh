@@ -5,7 +5,8 @@
 # (2000 updates of batch 128, UTD 1/4), 5 periodic evaluations of 3 episodes and a final one of 10 episodes.
 # SDAC runs with --num-particles 4 instead of 32: its best-of-32 x 20-step chains cost ~2.8 CPU-s per update (batch
 # 256) here, which alone would take the protocol to 4-7 hours; every other hyperparameter is the scripts' default
-# preset. Estimated total: ~11 900 CPU-s, ~1.7 h on 2 cores; measured: 1.39 h on an idle 2-core machine (docs/benchmark.md).
+# preset. Estimated total: ~11 900 CPU-s, ~1.7 h on 2 cores; measured: 1.39 h on the project's 2-core machine
+# (docs/benchmark.md).
 #
 # Produces, for docs/results.md: $RESULTS/cpu_budget.{png,-time.png,md,csv}, cpu_budget_aggregate.{png,csv},
 # cpu_budget_performance_profile.png, cpu_budget_probability_of_improvement.{png,csv} (plot.py) and

@@ -118,6 +118,11 @@ def natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
+def env_order(env_ids) -> list[str]:
+    """The distinct env ids in the order every table and figure uses."""
+    return sorted(set(env_ids), key=natural_key)
+
+
 def find_run_dirs(roots: list[str]) -> list[Path]:
     found = []
     for root in roots:
@@ -258,7 +263,7 @@ def score_matrix(runs: list[Run], algos: list[str], tasks: list[str]) -> dict[st
 def select_aggregate(runs: list[Run], algos: list[str]) -> tuple[list[str], list[str], list[str]]:
     """Tasks and algorithms that enter the aggregates, plus warnings about what was left out."""
     notes = []
-    envs = sorted({r.env_id for r in runs}, key=natural_key)
+    envs = env_order(r.env_id for r in runs)
     tasks = []
     for env_id in envs:
         ref = reference_for(env_id)
@@ -307,7 +312,7 @@ def algo_colors(algos: list[str]) -> dict[str, tuple]:
 def plot_curves(runs, algos, colors, out: Path, name: str, reps: int, rng, wall_time: bool) -> Path:
     import matplotlib.pyplot as plt
 
-    envs = sorted({r.env_id for r in runs}, key=natural_key)
+    envs = env_order(r.env_id for r in runs)
     ncols = min(3, len(envs))
     nrows = math.ceil(len(envs) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(max(6.5, 4.6 * ncols), 3.4 * nrows + 0.8), squeeze=False)
@@ -357,7 +362,7 @@ def plot_curves(runs, algos, colors, out: Path, name: str, reps: int, rng, wall_
 
 def per_cell_rows(runs: list[Run], algos: list[str]) -> list[dict]:
     rows = []
-    for env_id in sorted({r.env_id for r in runs}, key=natural_key):
+    for env_id in env_order(r.env_id for r in runs):
         ref = reference_for(env_id)
         for algo in algos:
             group = [r for r in runs if r.env_id == env_id and r.algo == algo]
@@ -405,9 +410,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
             writer.writerow({k: (fmt(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def title_above(ax, text: str, x: float, points: float, fontsize: float) -> None:
+def title_above(ax, text: str, x: float, ha: str, points: float, fontsize: float) -> None:
     """A title `points` above the top of `ax` at axes-fraction `x`: rliable's strips have their own axes titles at the top."""
-    ha = "left" if x == 0.0 else "center"
     ax.annotate(text, xy=(x, 1.0), xycoords="axes fraction", xytext=(0, points), textcoords="offset points",
                 fontsize=fontsize, ha=ha, va="bottom")  # fmt: skip
 
@@ -451,7 +455,8 @@ def aggregate(runs, algos, colors, out: Path, name: str, reps: int, seed: int, o
         row_height=max(0.37, 1.2 / len(included)),
         xlabel_y_coordinate=-0.45 / (max(0.37, 1.2 / len(included)) * len(included)),
     )
-    title_above(axes[0], f"{name}: {header}; 95% stratified-bootstrap CIs ({reps} reps)", x=0.0, points=28, fontsize=10)
+    title = f"{name}: {header}; 95% stratified-bootstrap CIs ({reps} reps)"
+    title_above(axes[0], title, x=0.0, ha="left", points=28, fontsize=10)
     fig.savefig(out / f"{name}_aggregate.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     agg_rows = []
@@ -501,7 +506,7 @@ def aggregate(runs, algos, colors, out: Path, name: str, reps: int, seed: int, o
         np.random.seed(seed)
         poi, poi_cis = rly.get_interval_estimates(pairs, metrics.probability_of_improvement, reps=reps)
         ax = plot_utils.plot_probability_of_improvement(poi, poi_cis, figsize=(4.5, 0.6 + 0.5 * len(pairs)))
-        title_above(ax, f"{name}: P({ours} > baseline)\n{header}", x=0.5, points=24, fontsize=9)
+        title_above(ax, f"{name}: P({ours} > baseline)\n{header}", x=0.5, ha="center", points=24, fontsize=9)
         ax.figure.savefig(out / f"{name}_probability_of_improvement.png", dpi=120, bbox_inches="tight")
         plt.close(ax.figure)
         poi_rows = [
@@ -536,7 +541,7 @@ def markdown_table(rows: list[dict], name: str) -> list[str]:
         "env transitions, seeds, wall time per run (minutes, mean ± std).",
         "",
     ]
-    for env_id in sorted({r["env_id"] for r in rows}, key=natural_key):
+    for env_id in env_order(r["env_id"] for r in rows):
         group = [r for r in rows if r["env_id"] == env_id]
         budget = fmt_steps(max(r["transitions"] for r in group))
         lines += [
@@ -636,7 +641,7 @@ def main(argv=None) -> int:
     agg_lines, notes = aggregate(runs, algos, colors, out, args.name, args.reps, args.seed, args.ours)
     for note in notes:
         print(f"plot.py: warning: {note}", file=sys.stderr)
-    envs = sorted({r.env_id for r in runs}, key=natural_key)
+    envs = env_order(r.env_id for r in runs)
     lines = markdown_table(rows, args.name) + agg_lines + reference_lines(envs)
     if notes:
         lines += ["## Notes", ""] + [f"* {n}" for n in notes] + [""]
