@@ -244,6 +244,42 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, async_envs: bool = Fa
     return vector_env
 
 
+def make_envs(
+    env_id: str,
+    num_envs: int,
+    seed: int,
+    async_envs: bool = False,
+    run_name: str = "",
+    capture_video: bool = False,
+    video_every: int = 1,
+    eval_seed: int | None = None,
+):
+    """The training vector env (env i seeded seed + i) and one evaluation env (seeded `eval_seed`, videos if asked).
+
+    Any failure to build them (a user env whose constructor raises, a discrete or unbounded action space) comes out
+    as one EnvIdError with a one-line message, so scripts report it without a traceback.
+    """
+    try:
+        envs = make_vector_env(env_id, num_envs, seed, async_envs, run_name)
+        eval_seed = seed if eval_seed is None else eval_seed
+        eval_env = make_env(env_id, eval_seed, 0, capture_video, run_name, video_every=video_every)()
+    except EnvIdError:
+        raise
+    except Exception as e:  # noqa: BLE001  (anything a user's constructor raises)
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise EnvIdError(f"cannot make env '{env_id}': {type(e).__name__}: {first_line}") from None
+    return envs, eval_env
+
+
+def action_half_width(env: gym.Env) -> np.ndarray:
+    """h, the half-width of the underlying env's action Box, as seen through the PolicyActionWrapper of `env`."""
+    while not isinstance(env, PolicyActionWrapper):
+        if not hasattr(env, "env"):
+            raise ValueError("env was not made by envs.make_env (no PolicyActionWrapper)")
+        env = env.env
+    return env.action_half_width
+
+
 @dataclass
 class FinishedEpisode:
     env_index: int
