@@ -115,11 +115,13 @@ PRESETS = {
     "qflex-protocol": dict(total_timesteps=20_000_000, num_envs=80, learning_starts=30_000, policy_lr=3e-4, q_lr=3e-4,
                            alpha_lr=3e-4, policy_frequency=1, num_layers=3, alpha=math.e, reward_scale=0.2),
 }  # fmt: skip
-# (flags, rule) pairs that validate_args checks besides the common ones.
+# Argument checks besides the common ones: (flags, rule) pairs with a rule of ARG_RULES, then (holds, message) pairs
+# over several flags, the message formatted with the arguments.
 ALGO_ARG_CHECKS = (
     (("policy_lr", "q_lr", "alpha_lr", "policy_frequency", "hidden_dim", "num_layers", "alpha", "reward_scale"), "positive"),
     (("tau",), "in (0, 1]"),
 )
+ALGO_ARG_CONSTRAINTS = ()
 
 
 # ALGO LOGIC: networks
@@ -294,7 +296,18 @@ COMMON_ARG_CHECKS = (
     (("learning_starts", "eval_freq", "final_eval_episodes"), ">= 0"),
     (("gamma",), "in (0, 1]"),
 )
-ARG_RULES = {"positive": lambda v: v > 0, ">= 0": lambda v: v >= 0, "in (0, 1]": lambda v: 0 < v <= 1}
+COMMON_ARG_CONSTRAINTS = (
+    (lambda a: a.batch_size <= a.buffer_size, "--batch-size {batch_size} is larger than --buffer-size {buffer_size}"),
+    (lambda a: a.num_envs <= a.buffer_size, "--num-envs {num_envs} is larger than --buffer-size {buffer_size}"),
+)
+ARG_RULES = {
+    "positive": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "a positive even number": lambda v: v > 0 and v % 2 == 0,
+}
 # Flags a resumed run may change; everything else comes from the checkpoint so the run continues unchanged.
 RESUME_OVERRIDES = ("total_timesteps", "resume", "save_model", "checkpoint_every", "save_buffer", "cuda", "track",
                     "wandb_project_name", "wandb_entity", "capture_video", "log_every", "eval_freq")  # fmt: skip
@@ -317,10 +330,9 @@ def validate_args(args: Args) -> None:
         for name in names:
             if not ARG_RULES[rule](getattr(args, name)):
                 raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
-    if args.batch_size > args.buffer_size:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
-    if args.num_envs > args.buffer_size:
-        raise ValueError(f"--num-envs {args.num_envs} is larger than --buffer-size {args.buffer_size}")
+    for holds, message in COMMON_ARG_CONSTRAINTS + ALGO_ARG_CONSTRAINTS:
+        if not holds(args):
+            raise ValueError(message.format(**vars(args)))
 
 
 def load_checkpoint(path: str, algo: str) -> dict:
