@@ -27,7 +27,7 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from envs import EnvIdError, check_env_id, evaluate, make_envs, split_vector_step
+from envs import EnvIdError, action_half_width, check_env_id, evaluate, make_envs, split_vector_step
 
 
 @dataclass
@@ -107,13 +107,16 @@ class Args:
     """automatic tuning of the entropy temperature towards the target entropy -|A|"""
     reward_scale: float | None = None
     """rewards are multiplied by this inside the update (preset: paper 1, qflex-protocol 0.2)"""
+    tanh_correction: bool | None = None
+    """subtract the tanh log-Jacobian in log pi (preset: paper yes, CleanRL's form; qflex-protocol no, as its authors ran)"""
 
 
 PRESETS = {
     "paper": dict(total_timesteps=1_000_000, num_envs=1, learning_starts=5_000, policy_lr=3e-4, q_lr=1e-3, alpha_lr=1e-3,
-                  policy_frequency=2, num_layers=2, alpha=1.0, reward_scale=1.0),
+                  policy_frequency=2, num_layers=2, alpha=1.0, reward_scale=1.0, tanh_correction=True),
     "qflex-protocol": dict(total_timesteps=20_000_000, num_envs=80, learning_starts=30_000, policy_lr=3e-4, q_lr=3e-4,
-                           alpha_lr=3e-4, policy_frequency=1, num_layers=3, alpha=math.e, reward_scale=0.2),
+                           alpha_lr=3e-4, policy_frequency=1, num_layers=3, alpha=math.e, reward_scale=0.2,
+                           tanh_correction=False),
 }  # fmt: skip
 # Argument checks besides the common ones: (flags, rule) pairs with a rule of ARG_RULES, then (holds, message) pairs
 # over several flags, the message formatted with the arguments.
@@ -163,11 +166,12 @@ LOG_STD_CLIP = (-20.0, 0.5)  # qflex-protocol (relax create_sac_net): hard clip
 class Actor(nn.Module):
     """Tanh-Gaussian policy. Separate mu/log-std heads with a tanh-squashed log-std, or one 2d head with a clipped one."""
 
-    def __init__(
-        self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, activation, jax_init: bool, separate_heads: bool
-    ):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, activation, jax_init: bool,
+                 separate_heads: bool, log_det: str, action_scale: np.ndarray):  # fmt: skip
         super().__init__()
-        self.separate_heads = separate_heads
+        self.separate_heads, self.log_det = separate_heads, log_det
+        # h, the env's action half-width: CleanRL's log pi is the density of the env's action h * tanh(x)
+        self.register_buffer("action_scale", torch.as_tensor(action_scale, dtype=torch.float32))
         self.trunk = mlp(obs_dim, hidden_dim, num_layers, activation, jax_init)
         if separate_heads:
             self.fc_mean, self.fc_logstd = nn.Linear(hidden_dim, act_dim), nn.Linear(hidden_dim, act_dim)
@@ -184,26 +188,28 @@ class Actor(nn.Module):
         mean, log_std = self.fc_head(h).chunk(2, dim=-1)
         return mean, log_std.clamp(*LOG_STD_CLIP)
 
-    def sample(self, obs: torch.Tensor, noise: torch.Tensor, exact_log_det: bool):
+    def sample(self, obs: torch.Tensor, noise: torch.Tensor):
         """Reparameterised a = tanh(mu + sigma * noise) and its log-probability (see `tanh_gaussian_log_prob`)."""
         mean, log_std = self(obs)
         x = mean + log_std.exp() * noise
-        return torch.tanh(x), tanh_gaussian_log_prob(x, noise, log_std, exact_log_det)
+        return torch.tanh(x), tanh_gaussian_log_prob(x, noise, log_std, self.log_det, self.action_scale)
 
 
 # ALGO LOGIC: maths
-def tanh_gaussian_log_prob(x: torch.Tensor, noise: torch.Tensor, log_std: torch.Tensor, exact: bool) -> torch.Tensor:
-    """log pi(tanh(x)) for x = mu + sigma * noise, summed over action dimensions.
+def tanh_gaussian_log_prob(x, noise, log_std, log_det: str, action_scale) -> torch.Tensor:
+    """log pi for x = mu + sigma * noise, summed over action dimensions (Eq. 26 of arXiv 1812.05905).
 
-    log N(x; mu, sigma) = -noise^2/2 - log sigma - log(2 pi)/2, minus the tanh log-Jacobian, written either as
-    CleanRL does, log(1 - tanh(x)^2 + 1e-6), or in the exact stable form 2 (log 2 - x - softplus(-2x)).
+    log N(x; mu, sigma) = -noise^2/2 - log sigma - log(2 pi)/2, minus the log-Jacobian of the squashing:
+      "cleanrl": log(h (1 - tanh(x)^2) + 1e-6), the density of the env's action h * tanh(x) (h = action_scale);
+      "exact":   2 (log 2 - x - softplus(-2x)) = log(1 - tanh(x)^2), the stable form, for the [-1, 1] action;
+      "none":    no correction: the Gaussian density of the pre-tanh x, as the Qflex authors' SAC computes it.
     """
     gaussian = -0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
-    if exact:
-        log_det = 2.0 * (math.log(2.0) - x - F.softplus(-2.0 * x))
-    else:
-        log_det = torch.log(1 - torch.tanh(x).pow(2) + 1e-6)
-    return (gaussian - log_det).sum(-1)
+    if log_det == "cleanrl":
+        gaussian = gaussian - torch.log(action_scale * (1 - torch.tanh(x).pow(2)) + 1e-6)
+    elif log_det == "exact":
+        gaussian = gaussian - 2.0 * (math.log(2.0) - x - F.softplus(-2.0 * x))
+    return gaussian.sum(-1)
 
 
 def soft_q_target(rewards, terminations, next_q1, next_q2, next_log_prob, alpha, gamma: float):
@@ -235,7 +241,7 @@ def critic_step(batch: Batch, next_noise, actor, qf1, qf2, qf1_target, qf2_targe
     """One step on sum_i mean (Q_i(s, a) - y)^2 with y the soft target of the Polyak critics at a' ~ pi(.|s')."""
     alpha = log_alpha.detach().exp()
     with torch.no_grad():
-        next_actions, next_log_prob = actor.sample(batch.next_obs, next_noise, exact_log_det=args.preset != "paper")
+        next_actions, next_log_prob = actor.sample(batch.next_obs, next_noise)
         next_q_value = soft_q_target(
             args.reward_scale * batch.rewards,
             batch.terminations,
@@ -264,7 +270,7 @@ def critic_step(batch: Batch, next_noise, actor, qf1, qf2, qf1_target, qf2_targe
 
 def actor_step(batch: Batch, noise, actor, qf1, qf2, actor_optimizer, log_alpha, args) -> tuple[dict, torch.Tensor]:
     """One step on mean(alpha log pi(a~|s) - min_i Q_i(s, a~)), a~ reparameterised; returns the logs and log pi(a~|s)."""
-    pi, log_pi = actor.sample(batch.obs, noise, exact_log_det=args.preset != "paper")
+    pi, log_pi = actor.sample(batch.obs, noise)
     min_qf_pi = torch.minimum(qf1(batch.obs, pi), qf2(batch.obs, pi))
     actor_loss = (log_alpha.detach().exp() * log_pi - min_qf_pi).mean()
     actor_optimizer.zero_grad()
@@ -514,7 +520,9 @@ if __name__ == "__main__":
     paper = args.preset == "paper"
     activation = nn.ReLU if paper else nn.GELU
     net_kwargs = dict(hidden_dim=args.hidden_dim, num_layers=args.num_layers, activation=activation, jax_init=not paper)
-    actor = Actor(obs_dim, act_dim, separate_heads=paper, **net_kwargs).to(device)
+    log_det = ("cleanrl" if paper else "exact") if args.tanh_correction else "none"
+    h = action_half_width(eval_env)
+    actor = Actor(obs_dim, act_dim, separate_heads=paper, log_det=log_det, action_scale=h, **net_kwargs).to(device)
     qf1 = SoftQNetwork(obs_dim, act_dim, **net_kwargs).to(device)
     qf2 = SoftQNetwork(obs_dim, act_dim, **net_kwargs).to(device)
     qf1_target = SoftQNetwork(obs_dim, act_dim, **net_kwargs).to(device)
@@ -600,7 +608,7 @@ if __name__ == "__main__":
         else:
             with torch.no_grad():
                 noise = torch.randn((args.num_envs, act_dim), device=device, generator=act_generator)
-                actions, _ = actor.sample(torch.as_tensor(obs, device=device), noise, exact_log_det=not paper)
+                actions, _ = actor.sample(torch.as_tensor(obs, device=device), noise)
             actions = actions.cpu().numpy()
 
         # TRY NOT TO MODIFY: execute the game and log data.
@@ -641,7 +649,7 @@ if __name__ == "__main__":
                                 alpha_noise = torch.randn(
                                     (args.batch_size, act_dim), device=device, generator=update_generator
                                 )
-                                _, log_pi = actor.sample(batch.obs, alpha_noise, exact_log_det=False)
+                                _, log_pi = actor.sample(batch.obs, alpha_noise)
                             logs.update(alpha_step(log_pi, log_alpha, a_optimizer, target_entropy, "alpha"))
                         elif args.autotune:  # relax: the actor step's log pi, loss written in log alpha
                             logs.update(alpha_step(log_pi, log_alpha, a_optimizer, target_entropy, "log-alpha"))

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.conftest import assert_one_line_error, final_eval, read_scalars, run_algo, run_dirs
+from tests.conftest import assert_one_line_error, final_eval, load_script, read_scalars, run_algo, run_dirs
 
 # Tiny but complete: warm-up ends well before the budget, so updates, logging and one evaluation all run.
 TINY = [
@@ -168,3 +168,130 @@ def test_learns_chain_reach4(tmp_path):
     run_algo("sac", *LEARNING_FLAGS, cwd=tmp_path)
     final = final_eval(tmp_path)
     assert final["eval/episodic_return"] > LEARNING_THRESHOLD, final
+
+
+# ---- the maths and the update steps, on tiny fixed problems ----
+sac = load_script("algos/sac.py")
+
+
+def tiny_sac(preset="qflex-protocol", obs_dim=3, act_dim=2, batch_size=8, seed=0):
+    """A resolved Args, networks, optimizers and one fixed batch, as the script builds them."""
+    torch.manual_seed(seed)
+    args = sac.resolve_preset(sac.Args(preset=preset, hidden_dim=16))
+    paper = preset == "paper"
+    kwargs = dict(hidden_dim=16, num_layers=args.num_layers, activation=torch.nn.ReLU if paper else torch.nn.GELU,
+                  jax_init=not paper)  # fmt: skip
+    log_det = ("cleanrl" if paper else "exact") if args.tanh_correction else "none"
+    actor = sac.Actor(obs_dim, act_dim, separate_heads=paper, log_det=log_det, action_scale=torch.ones(act_dim), **kwargs)
+    qf1, qf2, qf1_target, qf2_target = (sac.SoftQNetwork(obs_dim, act_dim, **kwargs) for _ in range(4))
+    batch = sac.Batch(torch.randn(batch_size, obs_dim), torch.rand(batch_size, act_dim) * 2 - 1, torch.randn(batch_size),
+                      torch.randn(batch_size, obs_dim), torch.zeros(batch_size))  # fmt: skip
+    log_alpha = torch.tensor(math.log(args.alpha), requires_grad=True)
+    return args, actor, qf1, qf2, qf1_target, qf2_target, batch, log_alpha
+
+
+def params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_tanh_gaussian_log_prob_forms_against_their_definitions():
+    torch.manual_seed(0)
+    mean, log_std, noise = torch.randn(5, 3), torch.rand(5, 3) - 1.0, torch.randn(5, 3)
+    x = mean + log_std.exp() * noise
+    gaussian = torch.distributions.Normal(mean, log_std.exp()).log_prob(x)
+    squashed = gaussian - torch.log(1 - torch.tanh(x) ** 2)
+    ones, halves = torch.ones(3), torch.full((3,), 0.5)
+    assert torch.allclose(sac.tanh_gaussian_log_prob(x, noise, log_std, "none", ones), gaussian.sum(-1), atol=1e-5)
+    assert torch.allclose(sac.tanh_gaussian_log_prob(x, noise, log_std, "exact", ones), squashed.sum(-1), atol=1e-4)
+    cleanrl = sac.tanh_gaussian_log_prob(x, noise, log_std, "cleanrl", ones)
+    assert torch.allclose(cleanrl, squashed.sum(-1), atol=1e-3)  # only the 1e-6 regulariser differs
+    # CleanRL's log pi is the density of h * tanh(x): a half-width h shifts it by -sum log h (here +3 log 2)
+    shifted = sac.tanh_gaussian_log_prob(x, noise, log_std, "cleanrl", halves)
+    assert torch.allclose(shifted - cleanrl, torch.full((5,), 3 * math.log(2.0)), atol=1e-3)
+
+
+def test_soft_q_target_hand_computed():
+    y = sac.soft_q_target(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0]), torch.tensor([2.0, 5.0]),
+                          torch.tensor([3.0, 4.0]), torch.tensor([1.0, 1.0]), 0.5, 0.9)  # fmt: skip
+    assert torch.allclose(y, torch.tensor([1.0 + 0.9 * (2.0 - 0.5), 1.0]))  # min of critics; no bootstrap when terminated
+
+
+@pytest.mark.parametrize("form", ["alpha", "log-alpha"])
+def test_alpha_step_raises_alpha_below_target_entropy_and_lowers_it_above(form):
+    target_entropy = -2.0
+    for log_pi, direction in ((torch.full((8,), 5.0), 1), (torch.full((8,), -5.0), -1)):  # entropy -5 < -2; 5 > -2
+        log_alpha = torch.tensor(0.0, requires_grad=True)
+        optimizer = torch.optim.Adam([log_alpha], lr=0.1)
+        logs = sac.alpha_step(log_pi, log_alpha, optimizer, target_entropy, form)
+        assert direction * log_alpha.item() > 0 and logs["losses/alpha"] == log_alpha.exp()
+
+
+@pytest.mark.parametrize("preset", ["paper", "qflex-protocol"])
+def test_critic_step_moves_only_the_critics_and_uses_the_target_networks(preset):
+    args, actor, qf1, qf2, qf1_target, qf2_target, batch, log_alpha = tiny_sac(preset)
+    optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=1e-3)
+    before = [params(m) for m in (actor, qf1, qf2, qf1_target, qf2_target)]
+    noise = torch.randn(8, 2)
+    logs = sac.critic_step(batch, noise, actor, qf1, qf2, qf1_target, qf2_target, optimizer, log_alpha, args)
+    after = [params(m) for m in (actor, qf1, qf2, qf1_target, qf2_target)]
+    assert [same(b, a) for b, a in zip(before, after, strict=True)] == [True, False, False, True, True]
+    assert set(logs) >= {"losses/qf1_loss", "losses/qf2_loss", "losses/qf_loss", "losses/qf1_values", "losses/alpha"}
+    # the target comes from the Polyak critics: changing them changes the loss, unless every transition terminated
+    probe = tiny_sac(preset)
+    fresh = torch.optim.Adam(list(probe[2].parameters()) + list(probe[3].parameters()), lr=1e-3)
+    with torch.no_grad():
+        for p in probe[4].parameters():
+            p.add_(1.0)
+    moved = sac.critic_step(probe[6], noise, *probe[1:6], fresh, probe[7], args)
+    assert moved["losses/qf1_loss"] != logs["losses/qf1_loss"]
+    done = [tiny_sac(preset) for _ in range(2)]
+    losses = []
+    for i, run in enumerate(done):
+        run_args, run_actor, r1, r2, t1, t2, run_batch, run_log_alpha = run
+        run_batch = run_batch._replace(terminations=torch.ones(8))
+        if i:
+            with torch.no_grad():
+                for p in t1.parameters():
+                    p.add_(1.0)
+        opt = torch.optim.Adam(list(r1.parameters()) + list(r2.parameters()), lr=1e-3)
+        losses.append(sac.critic_step(run_batch, noise, run_actor, r1, r2, t1, t2, opt, run_log_alpha, run_args))
+    assert losses[0]["losses/qf1_loss"] == losses[1]["losses/qf1_loss"]
+
+
+def test_actor_step_moves_only_the_actor_and_leaves_no_critic_gradient():
+    args, actor, qf1, qf2, _, _, batch, log_alpha = tiny_sac()
+    optimizer = torch.optim.Adam(actor.parameters(), lr=1e-3)
+    critics = params(qf1) + params(qf2)
+    before = params(actor)
+    logs, log_pi = sac.actor_step(batch, torch.randn(8, 2), actor, qf1, qf2, optimizer, log_alpha, args)
+    assert not same(before, params(actor)) and same(critics, params(qf1) + params(qf2))
+    assert all(p.grad is None for p in list(qf1.parameters()) + list(qf2.parameters()))
+    assert log_pi.shape == (8,) and not log_pi.requires_grad and "losses/actor_loss" in logs
+
+
+def test_polyak_update_is_a_convex_step_towards_the_online_network():
+    _, _, qf1, _, qf1_target, _, _, _ = tiny_sac()
+    online, target = params(qf1), params(qf1_target)
+    sac.polyak_update(qf1, qf1_target, 0.25)
+    for o, t, new in zip(online, target, params(qf1_target), strict=True):
+        assert torch.allclose(new, 0.75 * t + 0.25 * o)
+
+
+def test_log_std_ranges_of_both_heads():
+    for preset, (low, high) in (("paper", (-5.0, 2.0)), ("qflex-protocol", (-20.0, 0.5))):
+        _, actor, *_ = tiny_sac(preset)
+        with torch.no_grad():
+            for p in actor.parameters():
+                p.mul_(1e3)  # drive the raw log-std far past both ends
+            _, log_std = actor(torch.randn(64, 3) * 10)
+        assert log_std.min() >= low and log_std.max() <= high and log_std.min() < low + 1 and log_std.max() > high - 1
+
+
+def test_presets_set_the_tanh_correction():
+    assert sac.resolve_preset(sac.Args(preset="paper")).tanh_correction is True
+    assert sac.resolve_preset(sac.Args()).tanh_correction is False  # the Qflex authors' SAC has it commented out
+    assert sac.resolve_preset(sac.Args(tanh_correction=True)).tanh_correction is True
