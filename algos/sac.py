@@ -317,7 +317,8 @@ ARG_RULES = {
 # Flags a resumed run may change; everything else comes from the checkpoint so the run continues unchanged.
 RESUME_OVERRIDES = ("total_timesteps", "resume", "save_model", "checkpoint_every", "save_buffer", "cuda", "track",
                     "wandb_project_name", "wandb_entity", "capture_video", "log_every", "eval_freq")  # fmt: skip
-STATUS_EVERY_S = 60.0  # seconds between status lines when stdout is not a terminal (nohup, Slurm, CI)
+# Seconds between status lines when stdout is not a terminal (nohup, Slurm, CI); the environment may override it.
+STATUS_EVERY_S = float(os.environ.get("QFLEX_BENCH_STATUS_EVERY_S", "60"))
 
 
 def resolve_preset(args: Args) -> Args:

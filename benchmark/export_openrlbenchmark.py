@@ -1,5 +1,5 @@
 """Export TensorBoard runs to openrlbenchmark's offline cache, so `python -m openrlbenchmark.rlops --offline` can plot
-them with no Weights & Biases account (conventions.md §11; recipe in docs/benchmark.md).
+them with no Weights & Biases account (recipe in docs/benchmark.md).
 
     python benchmark/export_openrlbenchmark.py --runs-dir sweeps/demo --dest openrlbenchmark-dataset \\
         --entity qflex-bench --project qflex-bench

@@ -8,10 +8,10 @@ Inputs: every run directory (one holding `events.out.tfevents.*`) under each --r
 `{env}__{exp_name}__{seed}__{time}`). Event files are read with EventAccumulator(size_guidance={"scalars": 0}), so
 nothing is subsampled. If the same (algo, env, seed) appears twice, the most recent run is used (with a warning).
 
-Per-run score: `eval/episodic_return` of `final_eval.json` (the final evaluation, conventions.md §9), falling back
+Per-run score: `eval/episodic_return` of `final_eval.json` (the final evaluation), falling back
 to the last `eval/episodic_return` point of the events; `eval/success_rate` likewise.
 
-Outputs (conventions.md §11 names; OUT/<name>...):
+Outputs (openrlbenchmark's names; OUT/<name>...):
   <name>.png                       eval return vs env transitions per env: mean over seeds, 95% bootstrap CI band
   <name>-time.png                  the same vs wall time (TensorBoard event time since the run's first event)
   <name>.csv, <name>.md            per (env, algo): final return mean ± std (ddof=0, as openrlbenchmark), IQM over
@@ -24,7 +24,7 @@ Outputs (conventions.md §11 names; OUT/<name>...):
                                    P(--ours > baseline) for every other algorithm (only when --ours runs exist)
 Every figure's title gives the budget (env transitions) and the number of seeds.
 
-Normalisation (fixed per env, never relative to the plotted algorithms; conventions.md §10), see REFERENCES:
+Normalisation (fixed per env, never relative to the plotted algorithms, as rliable advises), see REFERENCES:
   * ChainReach*: (return - random) / (0 - random). `random` is the mean return of uniform random actions in
     [-1, 1]^|A| over 100 episodes (reset seeds 10000..10099), measured with `--measure-random ChainReachJ-v0`;
     0 is a perfect reach from the first step (unreachable, since the tip starts away from the target), so 1 is an

@@ -93,7 +93,7 @@ class SweepError(Exception):
 
 
 def env_tag(env_id: str) -> str:
-    """The env id as it appears in run names (conventions.md §3: '/' -> '-')."""
+    """The env id as it appears in run names ('/' -> '-', so dm_control ids make no nested folder)."""
     return env_id.replace("/", "-")
 
 

@@ -7,7 +7,7 @@ Every env made here looks the same to an algorithm:
   * ``info`` keeps only ``solved`` (MyoSuite's success flag) plus the per-env episode statistics, because
     MyoSuite's per-step ``obs_dict``/``rwd_dict`` would otherwise be pickled and merged on every vector step;
   * episode return/length come from a per-env ``RecordEpisodeStatistics`` (the vector-level one miscounts
-    under same-step autoreset, conventions.md §7).
+    under same-step autoreset: it drops the first reward of every episode after the first).
 
 Supported ids: MyoSuite (offline ones), Gymnasium MuJoCo v5, ``dm_control/*`` through shimmy, our ChainReach
 tasks, and any user env as ``some.module:EnvName-v0`` (the module is imported, which registers the id).
@@ -30,7 +30,7 @@ from envs.chain_reach import register_chain_reach  # noqa: E402
 
 register_chain_reach()
 
-# MyoSuite ids that fetch motion clips from the Hugging Face hub (envs.md §3): never usable offline.
+# MyoSuite ids that fetch motion clips from the Hugging Face hub: never usable offline.
 NETWORK_ENV_IDS = {
     "myoFullBodyDirectional-v0": "downloads motion clips from the Hugging Face hub when it is made",
     "myoChallengeChaseTagFBVs-v0": "downloads a motion clip from the Hugging Face hub on its first step",
@@ -123,7 +123,7 @@ class OffscreenVideo(gym.Wrapper):
 
     MuJoCo envs (MyoSuite, Gymnasium v5, dm_control) are drawn with ``mujoco.Renderer`` on the unwrapped model,
     whose geometry buffer fits full-body models; other envs must support ``render_mode="rgb_array"``.
-    Frames are capped and shadows/reflections are off because software rendering is slow (envs.md §8).
+    Frames are capped and shadows/reflections are off because software rendering is slow.
     """
 
     def __init__(
@@ -233,7 +233,7 @@ def make_env(env_id: str, seed: int, idx: int, capture_video: bool, run_name: st
 
 
 def make_vector_env(env_id: str, num_envs: int, seed: int, async_envs: bool = False, run_name: str = ""):
-    """`num_envs` copies of `env_id` (env i seeded seed + i) with same-step autoreset (conventions.md §7)."""
+    """`num_envs` copies of `env_id` (env i seeded seed + i) with same-step autoreset (one real transition per env per step)."""
     thunks = [make_env(env_id, seed + i, i, False, run_name) for i in range(num_envs)]
     mode = gym.vector.AutoresetMode.SAME_STEP
     if async_envs:
@@ -332,7 +332,7 @@ class EvalResult:
     successes: np.ndarray  # empty when the env reports no `solved`
 
     def scalars(self) -> dict[str, float]:
-        """The `eval/` TensorBoard keys of conventions.md §4."""
+        """The `eval/` TensorBoard keys (README, "What a run writes")."""
         out = {
             "eval/episodic_return": float(self.returns.mean()),
             "eval/episodic_return_std": float(self.returns.std()),

@@ -295,3 +295,26 @@ def test_presets_set_the_tanh_correction():
     assert sac.resolve_preset(sac.Args(preset="paper")).tanh_correction is True
     assert sac.resolve_preset(sac.Args()).tanh_correction is False  # the Qflex authors' SAC has it commented out
     assert sac.resolve_preset(sac.Args(tanh_correction=True)).tanh_correction is True
+
+
+def test_resume_refuses_another_device_and_incomplete_checkpoints(tmp_path):
+    """Generator states are device-specific, and every `stateful` entry must be present: one line each, no traceback."""
+    run_algo("sac", "--env-id", "ChainReach4-v0", "--num-envs", "2", "--save-model", "--no-cuda", *TINY, cwd=tmp_path)
+    (checkpoint_path,) = (tmp_path / "models").glob("*/checkpoint.pt")
+    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    torch.save(dict(checkpoint, device="cuda"), tmp_path / "cuda.pt")
+    proc = run_algo("sac", "--resume", str(tmp_path / "cuda.pt"), "--total-timesteps", "600", cwd=tmp_path, check=False)
+    assert_one_line_error(proc, "was written on cuda; resume it there, not on cpu")
+    del checkpoint["a_optimizer"]
+    torch.save(checkpoint, tmp_path / "incomplete.pt")
+    proc = run_algo("sac", "--resume", str(tmp_path / "incomplete.pt"), "--total-timesteps", "600", cwd=tmp_path, check=False)
+    assert_one_line_error(proc, "lacks a_optimizer; it cannot be resumed")
+
+
+def test_status_lines_without_a_terminal(tmp_path):
+    """Under nohup, Slurm or CI (no TTY) a run prints periodic one-line status: step, SPS, last return, last eval."""
+    proc = run_algo("sac", "--env-id", "ChainReach4-v0", "--num-envs", "2", *TINY, cwd=tmp_path,
+                    extra_env={"QFLEX_BENCH_STATUS_EVERY_S": "0"})  # fmt: skip
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert lines and lines[-1].startswith("step 400/400: ") and "SPS" in lines[-1] and "ret" in lines[-1], lines[-3:]
+    assert "eval" in lines[-1]
