@@ -1,51 +1,13 @@
-# docs and experiment results can be found at README.md#crossqpy
-"""CrossQ (Bhatt, Palenicek et al., ICLR 2024, arXiv 1902.05605), CleanRL-style, one file.
+# docs and experiment results can be found at docs/algorithms/crossq.md
+"""CrossQ (Bhatt, Palenicek et al., ICLR 2024, arXiv 1902.05605), CleanRL-style, in one file.
 
-CrossQ is SAC with three changes: no target network, BatchRenorm (BRN) in the critics and the actor, and one joint
-train-mode critic pass over [s; s'] and [a; a'] (2B rows), so the batch statistics see both halves; the bootstrap
-half is stop-gradiented. BRN modes (../shared/specs/baselines.md §2.5): next action with the actor in eval mode,
-joint pass with the critics in train mode, actor step with the actor in train mode and the critics in eval mode,
-acting and evaluation with both in eval mode.
-
-Two presets (../shared/specs/baselines.md §2), chosen with --preset; every explicitly passed flag overrides them:
-  * paper           the authors' release (adityab/CrossQ, sbx): critics 2 x 2048 ReLU, actor 2 x 256 ReLU with separate
-                    mu/log-std heads, log pi with the tanh correction, policy delay 3 (actor and temperature after
-                    critic updates 3, 6, 9, ...) with the critics' post-update weights, lr 1e-3, alpha loss
-                    alpha * (H - H_target) with H = -mean log pi of the actor step (alpha lr 1e-3), Flax BRN
-                    (eps 1e-3, running mean 0 / var 1 start, no debiasing, warm-up 100k train calls), 1 env,
-                    updates_per_step = num_envs (UTD 1 per transition), 5k warm-up, 5M transitions.
-  * qflex-protocol  (default) the CrossQ the Qflex authors ran: critics and actor 3 x 256 ReLU, one 2d actor head,
-                    log pi WITHOUT the tanh correction (Gaussian log-density of the pre-tanh sample, in the target,
-                    the actor loss and the alpha loss), one actor step per update that sees the critics' pre-update
-                    weights with their post-update BRN statistics, alpha loss -mean(log alpha * (log pi + H_target)),
-                    lr 3e-4 everywhere, Haiku BRN (eps 1e-5, zero-debiased running statistics, batch variance floored
-                    at eps, warm-up 10), 80 envs, 1 update per vector step, 30k warm-up, 20M transitions.
-Both: Adam betas (0.5, 0.999) for actor and critics, default betas for log alpha, alpha0 = 1, H_target = -|A|,
-reward scale 1, log-std clipped to [-20, 2], BRN momentum (decay) 0.99, r_max 3, d_max 5, truncated-normal
-1/sqrt(fan_in) init with zero biases (baselines.md §0). Besides SAC's keys the run logs `charts/action_saturation`,
-the fraction of rollout action coordinates with |a_i| > 0.99 since the last log (baselines.md §2.5: without the
-tanh correction the temperature controller can be satisfied while actions pile up at +-1), and `losses/entropy`,
--mean log pi of the last actor step (the pre-tanh Gaussian's in qflex-protocol).
-
-Choices where the spec leaves a point open:
-  * One Adam over both critics in both presets (Adam is per-parameter, so it equals one Adam per critic). The critic
-    objective is sum_i 1/2 mean (y - q_i)^2 in `paper` and sum_i mean (q_i - y)^2 in `qflex-protocol`; the factor
-    1/2 only rescales Adam's epsilon, so it is tied to the preset name rather than given a flag. `losses/qf*_loss`
-    log the plain mean squared error in both presets.
-  * Pre-update critic weights (qflex-protocol) come from ordering, not from a copy: the actor step runs between the
-    critic's backward pass and its optimiser step, when the critics still hold phi_bar and the joint pass has already
-    written the new BRN statistics.
-  * The tanh log-Jacobian of `paper` is the exact stable form 2 (log 2 - x - softplus(-2x)) on the pre-tanh sample
-    (what the TFP tanh bijector computes), not the 1e-6-regularised form CleanRL uses.
-  * a' and a~ get independent noise draws (sbx draws separate keys; CrossQ has no shared-noise rule).
-  * BRN batch variance is the biased one from torch.var_mean (correction 0): the same quantity as the references'
-    E[x^2] - E[x]^2 clamped at 0, without its float32 cancellation for features with |mean| >> std. sqrt(batch var)
-    at exactly zero variance (a dead ReLU unit) gets a zero gradient instead of NaN. The zero-debiased EMA is written
-    as the equivalent in-place update m <- m + (1 - rho)/(1 - rho^n) (x - m); before a layer's first train-mode call
-    its running statistics read mean 0 / var 1 in both flavours (only the first update's next action sees them).
-  * The Linear init is Haiku's (std 1/sqrt(fan_in), truncated at 2 std) as baselines.md §0 asks; Flax's lecun_normal
-    in sbx additionally divides the std by 0.88 to undo the truncation, a ~14% difference in initial weight scale.
-  * No --tau flag: there is no target network.
+SAC without target networks, with BatchRenorm in the critics and the actor. The critics regress on a soft target
+computed in the same train-mode pass over [s; s'] and [a; a'] (`critic_step`), a tanh-Gaussian actor maximises
+min_i Q - alpha log pi (`actor_step`), and alpha is tuned towards the target entropy -|A| (`alpha_step`).
+Two presets (`--preset`; any flag you pass wins over them):
+  * paper           the CrossQ authors' release (adityab/CrossQ): 2x2048 critics, policy delay 3, Flax BatchRenorm;
+  * qflex-protocol  (default) the CrossQ the Qflex authors compared against, on myoLegWalk-v0's budget.
+Equations, defaults and their sources: docs/algorithms/crossq.md.
 """
 
 import json
@@ -55,7 +17,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -66,11 +28,12 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from envs import EnvIdError, check_env_id, evaluate, make_env, make_vector_env, split_vector_step
+from envs import EnvIdError, check_env_id, evaluate, make_envs, split_vector_step
 
 
 @dataclass
 class Args:
+    # TRY NOT TO MODIFY: common arguments
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -96,19 +59,15 @@ class Args:
     resume: str | None = None
     """path of a checkpoint to continue from, at its step, with its arguments (only budget/output flags may change)"""
     log_every: int = 100
-    """gradient updates between scalar logs (losses, SPS)"""
-
-    # Environment and protocol
+    """gradient updates between scalar logs (losses, SPS, diagnostics)"""
     env_id: str = "myoLegWalk-v0"
     """the id of the environment (any registered id, or `module:EnvName-v0`)"""
     preset: Literal["paper", "qflex-protocol"] = "qflex-protocol"
-    """hyperparameter preset: `paper` (the CrossQ authors' release: 2x2048 critics, policy delay 3, UTD 1) or
-    `qflex-protocol` (the Qflex authors' comparison: 3x256, 80 envs, 1 update per vector step); flags marked
-    (preset: ...) take their value from it unless given explicitly"""
+    """hyperparameter preset: `paper` (as its authors released it) or `qflex-protocol` (as the Qflex authors ran it)"""
     total_timesteps: int | None = None
-    """total env transitions, summed over all envs (preset: paper 5M, qflex-protocol 20M)"""
+    """total env transitions, summed over all envs (default: the preset's)"""
     num_envs: int | None = None
-    """number of parallel envs E (preset: paper 1, qflex-protocol 80)"""
+    """number of parallel envs E (default: the preset's)"""
     async_envs: bool = False
     """use gymnasium's AsyncVectorEnv (subprocesses) instead of SyncVectorEnv"""
     buffer_size: int = 1_000_000
@@ -118,17 +77,17 @@ class Args:
     batch_size: int = 256
     """the batch size of sample from the replay memory"""
     learning_starts: int | None = None
-    """env transitions of uniform random actions before updates start (preset: paper 5k, qflex-protocol 30k)"""
+    """env transitions of uniform random actions before updates start (default: the preset's)"""
     updates_per_step: int | None = None
-    """gradient updates per vector-env step U, UTD = U / num_envs per transition (preset: paper num_envs, qflex-protocol 1)"""
+    """gradient updates per vector-env step U, so UTD = U / num_envs per transition (default: the preset's, else 1)"""
     eval_freq: int | None = None
     """env transitions between evaluations (default min(1M, total/20)); 0 disables periodic evaluation"""
     eval_episodes: int = 5
-    """episodes per periodic evaluation round (deterministic policy, separate env)"""
+    """episodes per periodic evaluation round (the algorithm's deterministic action, separate env)"""
     final_eval_episodes: int = 20
     """episodes of the final evaluation (the per-run score)"""
 
-    # Algorithm specific arguments
+    # ALGO LOGIC: algorithm specific arguments
     policy_lr: float | None = None
     """the learning rate of the policy network optimizer (preset: paper 1e-3, qflex-protocol 3e-4)"""
     q_lr: float | None = None
@@ -140,8 +99,8 @@ class Args:
     policy_delay: int | None = None
     """one actor and temperature step after every policy_delay-th critic update (preset: paper 3, qflex-protocol 1)"""
     actor_critic_weights: Literal["post-update", "pre-update"] | None = None
-    """critic weights in the actor loss, from after or before this update's critic step; BRN statistics are always the
-    ones the joint pass just wrote (preset: paper post-update, qflex-protocol pre-update)"""
+    """critic weights in the actor loss, from after or before this update's critic step; BatchRenorm statistics are
+    always the ones the joint pass just wrote (preset: paper post-update, qflex-protocol pre-update)"""
     hidden_dim: int = 256
     """width of the actor's hidden layers"""
     critic_hidden_dim: int | None = None
@@ -162,6 +121,9 @@ class Args:
     (paper), `log-alpha` = -mean(log alpha * (log pi + H_target)) (qflex-protocol)"""
     reward_scale: float = 1.0
     """rewards are multiplied by this inside the update"""
+    nan_to_num: bool | None = None
+    """replace NaN and +-inf in the sampled s, a, r and s' by 0 before the update, as the Qflex authors' CrossQ does
+    (preset: paper False, qflex-protocol True)"""
     brn_warmup: int | None = None
     """train-mode calls of each BatchRenorm layer that use plain batch statistics before the renorm corrections start
     (preset: paper 100k, qflex-protocol 10)"""
@@ -179,210 +141,33 @@ class Args:
 
 
 PRESETS = {
-    "paper": dict(
-        total_timesteps=5_000_000,
-        num_envs=1,
-        learning_starts=5_000,
-        updates_per_step=None,  # = num_envs (UTD 1 per transition), filled in by resolve_preset
-        policy_lr=1e-3,
-        q_lr=1e-3,
-        alpha_lr=1e-3,
-        policy_delay=3,
-        actor_critic_weights="post-update",
-        critic_hidden_dim=2048,
-        num_layers=2,
-        separate_heads=True,
-        tanh_correction=True,
-        alpha_loss_form="alpha",
-        brn_warmup=100_000,
-        brn_eps=1e-3,
-        brn_debias=False,
-    ),
-    "qflex-protocol": dict(
-        total_timesteps=20_000_000,
-        num_envs=80,
-        learning_starts=30_000,
-        updates_per_step=1,
-        policy_lr=3e-4,
-        q_lr=3e-4,
-        alpha_lr=3e-4,
-        policy_delay=1,
-        actor_critic_weights="pre-update",
-        critic_hidden_dim=256,
-        num_layers=3,
-        separate_heads=False,
-        tanh_correction=False,
-        alpha_loss_form="log-alpha",
-        brn_warmup=10,
-        brn_eps=1e-5,
-        brn_debias=True,
-    ),
-}
-# Flags a resumed run may change; everything else comes from the checkpoint so the run continues unchanged.
-RESUME_OVERRIDES = (
-    "total_timesteps",
-    "resume",
-    "save_model",
-    "checkpoint_every",
-    "save_buffer",
-    "cuda",
-    "track",
-    "wandb_project_name",
-    "wandb_entity",
-    "capture_video",
-    "log_every",
-    "eval_freq",
-)
+    "paper": dict(total_timesteps=5_000_000, num_envs=1, learning_starts=5_000, policy_lr=1e-3, q_lr=1e-3, alpha_lr=1e-3,
+                  updates_per_step=lambda args: args.num_envs,  # UTD 1 per transition, whatever --num-envs
+                  policy_delay=3, actor_critic_weights="post-update", critic_hidden_dim=2048, num_layers=2,
+                  separate_heads=True, tanh_correction=True, alpha_loss_form="alpha", brn_warmup=100_000, brn_eps=1e-3,
+                  brn_debias=False, nan_to_num=False),
+    "qflex-protocol": dict(total_timesteps=20_000_000, num_envs=80, learning_starts=30_000, policy_lr=3e-4, q_lr=3e-4,
+                           alpha_lr=3e-4, policy_delay=1, actor_critic_weights="pre-update", critic_hidden_dim=256,
+                           num_layers=3, separate_heads=False, tanh_correction=False, alpha_loss_form="log-alpha",
+                           brn_warmup=10, brn_eps=1e-5, brn_debias=True, nan_to_num=True),
+}  # fmt: skip
+# Argument checks besides the common ones: (flags, rule) pairs with a rule of ARG_RULES, then (holds, message) pairs
+# over several flags, the message formatted with the arguments.
+ALGO_ARG_CHECKS = (
+    (("policy_lr", "q_lr", "alpha_lr", "policy_delay", "hidden_dim", "critic_hidden_dim", "num_layers", "alpha",
+      "reward_scale", "brn_eps"), "positive"),
+    (("brn_warmup", "brn_d_max"), ">= 0"),
+    (("adam_beta1", "brn_momentum"), "in [0, 1)"),
+    (("brn_r_max",), ">= 1"),
+)  # fmt: skip
+ALGO_ARG_CONSTRAINTS = ()
 
 
-def resolve_preset(args: Args) -> Args:
-    """Fill every flag left at None from the chosen preset (explicit flags win)."""
-    for name, value in PRESETS[args.preset].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.updates_per_step is None:
-        args.updates_per_step = args.num_envs
-    if args.eval_freq is None:
-        args.eval_freq = min(1_000_000, args.total_timesteps // 20)
-    return args
-
-
-def validate_args(args: Args) -> None:
-    """Raise ValueError with a one-line message for arguments that cannot work."""
-    positive = [
-        "total_timesteps",
-        "num_envs",
-        "buffer_size",
-        "batch_size",
-        "updates_per_step",
-        "eval_episodes",
-        "policy_delay",
-        "hidden_dim",
-        "critic_hidden_dim",
-        "num_layers",
-        "checkpoint_every",
-        "log_every",
-        "policy_lr",
-        "q_lr",
-        "alpha_lr",
-        "alpha",
-        "reward_scale",
-        "brn_eps",
-    ]
-    for name in positive:
-        if not getattr(args, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_starts", "eval_freq", "final_eval_episodes", "brn_warmup", "brn_d_max"]:
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.batch_size > args.buffer_size:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
-    if args.num_envs > args.buffer_size:
-        raise ValueError(f"--num-envs {args.num_envs} is larger than --buffer-size {args.buffer_size}")
-    if not 0 < args.gamma <= 1:
-        raise ValueError("--gamma must lie in (0, 1]")
-    for name in ["adam_beta1", "brn_momentum"]:
-        if not 0 <= getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must lie in [0, 1), got {getattr(args, name)}")
-    if not args.brn_r_max >= 1:
-        raise ValueError(f"--brn-r-max must be >= 1, got {args.brn_r_max}")
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by this script, or raise ValueError with a one-line message."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        first_line = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("algo") != "crossq":
-        raise ValueError(f"{path} is not a crossq.py checkpoint")
-    return checkpoint
-
-
-def crossed(prev_step: int, step: int, period: int) -> bool:
-    """Whether a vector step from prev_step to step passed a multiple of period (steps advance by num_envs)."""
-    return step // period > prev_step // period
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """Write to a temp file and rename, so a crash never leaves a half-written checkpoint."""
-    tmp_path = path + ".tmp"
-    torch.save(obj, tmp_path)
-    os.replace(tmp_path, path)
-
-
-def atomic_write_json(obj, path: str) -> None:
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp_path, path)
-
-
-class ReplayBuffer:
-    """FIFO buffer preallocated on the device; uniform sampling with its own generator.
-
-    Stores (s, a, r, s', terminated, truncated): a as emitted by the policy, r raw (scaled inside the update),
-    s' the true final observation at episode ends, `terminated` the bootstrap mask, `truncated` for logging only.
-    """
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device, generator: torch.Generator):
-        self.capacity, self.device, self.generator = capacity, device, generator
-        self.obs = torch.empty((capacity, obs_dim), dtype=torch.float32, device=device)
-        self.next_obs = torch.empty((capacity, obs_dim), dtype=torch.float32, device=device)
-        self.actions = torch.empty((capacity, act_dim), dtype=torch.float32, device=device)
-        self.rewards = torch.empty(capacity, dtype=torch.float32, device=device)
-        self.terminations = torch.empty(capacity, dtype=torch.float32, device=device)
-        self.truncations = torch.empty(capacity, dtype=torch.float32, device=device)
-        self.pos, self.size = 0, 0
-
-    def add(self, obs, actions, rewards, next_obs, terminations, truncations):
-        n = len(obs)
-        idx = torch.arange(self.pos, self.pos + n, device=self.device) % self.capacity
-        for storage, rows in (
-            (self.obs, obs),
-            (self.actions, actions),
-            (self.rewards, rewards),
-            (self.next_obs, next_obs),
-            (self.terminations, terminations),
-            (self.truncations, truncations),
-        ):
-            storage[idx] = torch.as_tensor(rows, dtype=torch.float32).to(self.device, non_blocking=True)
-        self.pos = (self.pos + n) % self.capacity
-        self.size = min(self.size + n, self.capacity)
-
-    def sample(self, batch_size: int):
-        idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=self.generator)
-        return self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.terminations[idx]
-
-    def state_dict(self) -> dict:
-        n = self.size
-        return dict(
-            pos=self.pos,
-            size=n,
-            obs=self.obs[:n].cpu(),
-            next_obs=self.next_obs[:n].cpu(),
-            actions=self.actions[:n].cpu(),
-            rewards=self.rewards[:n].cpu(),
-            terminations=self.terminations[:n].cpu(),
-            truncations=self.truncations[:n].cpu(),
-        )
-
-    def load_state_dict(self, state: dict) -> None:
-        n = state["size"]
-        for name in ("obs", "next_obs", "actions", "rewards", "terminations", "truncations"):
-            getattr(self, name)[:n] = state[name].to(self.device)
-        self.pos, self.size = state["pos"], n
-
-
-def trunc_normal_init_(layer: nn.Linear) -> nn.Linear:
-    """Haiku's default Linear init, used by the JAX reference code: N(0, 1/fan_in) truncated at 2 std, zero bias."""
-    std = 1.0 / math.sqrt(layer.in_features)
-    nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
-    nn.init.zeros_(layer.bias)
-    return layer
+# TRY NOT TO MODIFY: BatchRenorm
+# The two flavours of the JAX reference code as BatchRenorm keyword arguments: the Flax module of the CrossQ release
+# (adityab/CrossQ, sbx) and the Haiku module of the Qflex authors' relax. Momentum, r_max and d_max agree.
+BRN_FLAX = dict(momentum=0.99, eps=1e-3, r_max=3.0, d_max=5.0, warmup=100_000, debias=False)
+BRN_HAIKU = dict(momentum=0.99, eps=1e-5, r_max=3.0, d_max=5.0, warmup=10, debias=True)
 
 
 def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
@@ -433,25 +218,22 @@ def ema_weight(momentum: float, count: torch.Tensor, debias: bool) -> torch.Tens
 
 
 class BatchRenorm(nn.Module):
-    """Batch renormalisation (Ioffe 2017) over dim 0 of (n, num_features) inputs, as CrossQ uses it.
+    """Batch renormalisation (Ioffe, arXiv 1702.03275, Algorithm 1) over dim 0 of (n, num_features) inputs.
 
-    Train mode: batch statistics with the renorm corrections of `batch_renorm_statistics` (plain batch norm for the first
-    `warmup` train-mode calls), then one update of the running statistics with the batch mean and biased variance.
-    Eval mode: gamma (x - running_mean) / sqrt(running_var + eps) + beta, rows independent, nothing updated.
-    `momentum` is the decay of the running statistics (Flax meaning). `debias=False` is the Flax/sbx flavour
-    (running mean 0 / var 1 start, plain EMA, batch variance clamped at 0); `debias=True` the Haiku/Qflex one
-    (zero-debiased EMA, batch variance floored at eps).
+    Train mode normalises x with its batch mean and biased variance, corrected by r and d (`batch_renorm_statistics`)
+    once the layer has had `warmup` train-mode calls (plain batch norm before), then moves the running statistics
+    towards that batch's. Eval mode returns gamma (x - running_mean) / sqrt(running_var + eps) + beta and updates
+    nothing, so rows are independent. `momentum` is the decay of the running statistics (the JAX meaning; PyTorch's
+    BatchNorm momentum is 1 minus it). The flavours differ in how the running statistics start and move:
+      * debias=False (Flax, `BRN_FLAX`): a plain EMA from mean 0 / var 1; the batch variance is clamped at 0.
+      * debias=True (Haiku, `BRN_HAIKU`): a zero-debiased EMA, so the first train-mode call sets the running
+        statistics to that batch's exactly; the batch variance is floored at eps.
+    Before its first train-mode call a layer reads mean 0 / var 1 in both flavours. `num_batches_tracked` counts the
+    train-mode calls; running statistics and counter are buffers, so a checkpoint holds them.
     """
 
     def __init__(
-        self,
-        num_features: int,
-        momentum: float = 0.99,
-        eps: float = 1e-3,
-        r_max: float = 3.0,
-        d_max: float = 5.0,
-        warmup: int = 100_000,
-        debias: bool = False,
+        self, num_features: int, *, momentum: float, eps: float, r_max: float, d_max: float, warmup: int, debias: bool
     ):
         super().__init__()
         self.num_features, self.momentum, self.eps = num_features, momentum, eps
@@ -489,6 +271,15 @@ class BatchRenorm(nn.Module):
         )
 
 
+# ALGO LOGIC: networks
+def trunc_normal_init_(layer: nn.Linear) -> nn.Linear:
+    """Haiku's default Linear init, used by the JAX reference code: N(0, 1/fan_in) truncated at 2 std, zero bias."""
+    std = 1.0 / math.sqrt(layer.in_features)
+    nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 def mlp(in_dim: int, hidden_dim: int, num_layers: int, brn: dict) -> nn.Sequential:
     """BRN(input) -> [Linear -> ReLU -> BRN] x num_layers: normalisation after every activation."""
     layers, width = [BatchRenorm(in_dim, **brn)], in_dim
@@ -499,6 +290,8 @@ def mlp(in_dim: int, hidden_dim: int, num_layers: int, brn: dict) -> nn.Sequenti
 
 
 class SoftQNetwork(nn.Module):
+    """Critic Q_i(s, a) -> [B] on a BatchRenorm trunk; its target carries the entropy term (soft Q-function)."""
+
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, brn: dict):
         super().__init__()
         self.trunk = mlp(obs_dim + act_dim, hidden_dim, num_layers, brn)
@@ -512,7 +305,7 @@ LOG_STD_CLIP = (-20.0, 2.0)  # both presets (sbx and relax): hard clip
 
 
 class Actor(nn.Module):
-    """Tanh-Gaussian policy on a BRN trunk; separate mu/log-std heads (paper) or one 2d head; log-std clipped."""
+    """Tanh-Gaussian policy on a BatchRenorm trunk; separate mu/log-std heads or one 2d head; log-std clipped."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, brn: dict, separate_heads: bool):
         super().__init__()
@@ -539,6 +332,7 @@ class Actor(nn.Module):
         return torch.tanh(x), tanh_gaussian_log_prob(x, noise, log_std, tanh_correction)
 
 
+# ALGO LOGIC: maths
 def tanh_gaussian_log_prob(x: torch.Tensor, noise: torch.Tensor, log_std: torch.Tensor, tanh_correction: bool) -> torch.Tensor:
     """log pi for x = mu + sigma * noise, summed over action dimensions.
 
@@ -572,161 +366,392 @@ def temperature_loss(log_alpha: torch.Tensor, log_pi: torch.Tensor, target_entro
     return -(log_alpha * (log_pi + target_entropy)).mean()
 
 
-def saturation_count(actions: np.ndarray, threshold: float = 0.99) -> int:
-    """Number of action coordinates with |a_i| > threshold (squashed actions piling up at the box edges)."""
-    return int(np.count_nonzero(np.abs(actions) > threshold))
+# ALGO LOGIC: update steps
+class Batch(NamedTuple):
+    obs: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    next_obs: torch.Tensor
+    terminations: torch.Tensor
+
+
+def nan_to_num_batch(batch: Batch) -> Batch:
+    """NaN and +-inf in s, a, r and s' become 0 (relax's guard; terminations are 0/1 by construction)."""
+    fields = ("obs", "actions", "rewards", "next_obs")
+    return batch._replace(**{k: torch.nan_to_num(getattr(batch, k), nan=0.0, posinf=0.0, neginf=0.0) for k in fields})
+
+
+def critic_step(batch: Batch, next_noise, actor, qf1, qf2, q_optimizer, log_alpha, args, step_optimizer: bool) -> dict:
+    """Backward pass of the critic loss on the soft target of the same joint pass; the optimiser step if asked.
+
+    a' ~ pi(.|s') with the actor's BatchRenorm in eval mode (nothing in it changes). Each critic then runs once in
+    train mode over [s; s'], [a; a'] (2B rows), so its BatchRenorm statistics see both halves; the s' half is the
+    stop-gradiented bootstrap. The loss is sum_i 1/2 mean (y - Q_i)^2 (paper, sbx) or sum_i mean (Q_i - y)^2
+    (qflex-protocol, relax). With step_optimizer=False the gradients wait in the critics for the caller's
+    q_optimizer.step(), so that an actor step in between sees the pre-update weights.
+    """
+    alpha = log_alpha.detach().exp()
+    actor.eval()
+    with torch.no_grad():
+        next_actions, next_log_prob = actor.sample(batch.next_obs, next_noise, args.tanh_correction)
+    qf1.train()
+    qf2.train()
+    joint_obs, joint_actions = torch.cat([batch.obs, batch.next_obs]), torch.cat([batch.actions, next_actions])
+    qf1_a_values, qf1_next = qf1(joint_obs, joint_actions).chunk(2)
+    qf2_a_values, qf2_next = qf2(joint_obs, joint_actions).chunk(2)
+    next_q_value = soft_q_target(
+        args.reward_scale * batch.rewards, batch.terminations, qf1_next, qf2_next, next_log_prob, alpha, args.gamma
+    )
+    qf1_loss = F.mse_loss(qf1_a_values, next_q_value)
+    qf2_loss = F.mse_loss(qf2_a_values, next_q_value)
+    loss_scale = 0.5 if args.preset == "paper" else 1.0  # only rescales Adam's epsilon
+    q_optimizer.zero_grad()
+    (loss_scale * (qf1_loss + qf2_loss)).backward()
+    if step_optimizer:
+        q_optimizer.step()
+    return {
+        "losses/qf1_values": qf1_a_values.detach().mean(),
+        "losses/qf2_values": qf2_a_values.detach().mean(),
+        "losses/qf1_loss": qf1_loss.detach(),
+        "losses/qf2_loss": qf2_loss.detach(),
+        "losses/qf_loss": (qf1_loss + qf2_loss).detach() / 2.0,
+        "losses/alpha": alpha,
+    }
+
+
+def actor_step(batch: Batch, noise, actor, qf1, qf2, actor_optimizer, log_alpha, args) -> tuple[dict, torch.Tensor]:
+    """One step on mean(alpha log pi(a~|s) - min_i Q_i(s, a~)), a~ reparameterised; returns the logs and log pi(a~|s).
+
+    The actor's BatchRenorm runs in train mode (its statistics move), the critics' in eval mode (they read the
+    statistics the joint pass just wrote); the actor is left in eval mode for acting.
+    """
+    actor.train()
+    qf1.eval()
+    qf2.eval()
+    pi, log_pi = actor.sample(batch.obs, noise, args.tanh_correction)
+    min_qf_pi = torch.minimum(qf1(batch.obs, pi), qf2(batch.obs, pi))
+    actor_loss = (log_alpha.detach().exp() * log_pi - min_qf_pi).mean()
+    actor_optimizer.zero_grad()
+    actor_loss.backward(inputs=list(actor.parameters()))  # leave no gradient in the critics
+    actor_optimizer.step()
+    actor.eval()
+    return {"losses/actor_loss": actor_loss.detach(), "losses/entropy": -log_pi.detach().mean()}, log_pi.detach()
+
+
+def alpha_step(log_pi, log_alpha, a_optimizer, target_entropy: float, form: str) -> dict:
+    """One step of the temperature loss (`temperature_loss`) on log alpha."""
+    alpha_loss = temperature_loss(log_alpha, log_pi, target_entropy, form)
+    a_optimizer.zero_grad()
+    alpha_loss.backward()
+    a_optimizer.step()
+    return {"losses/alpha_loss": alpha_loss.detach(), "losses/alpha": log_alpha.detach().exp()}
+
+
+# ALGO LOGIC: diagnostics
+SATURATION_THRESHOLD = 0.99  # |a_i| above this counts as an action piled up at the box edge
+
+
+def saturation_count(actions: np.ndarray) -> int:
+    """Number of action coordinates with |a_i| > SATURATION_THRESHOLD."""
+    return int(np.count_nonzero(np.abs(actions) > SATURATION_THRESHOLD))
+
+
+def rollout_diagnostics(action_counts: torch.Tensor, device: torch.device) -> dict:
+    """`charts/action_saturation`: the saturated fraction of the rollout action coordinates since the last log.
+
+    `action_counts` holds (saturated, all) on the host; it is reset here. Nothing is returned when no policy action was
+    taken since the last log (the entry in `logs` then keeps its last value).
+    """
+    saturated, acted = action_counts.tolist()
+    action_counts.zero_()
+    if not acted:
+        return {}
+    return {"charts/action_saturation": torch.tensor(saturated / acted, dtype=torch.float32, device=device)}
+
+
+# TRY NOT TO MODIFY: run plumbing
+COMMON_ARG_CHECKS = (
+    (("total_timesteps", "num_envs", "buffer_size", "batch_size", "updates_per_step", "eval_episodes"), "positive"),
+    (("checkpoint_every", "log_every"), "positive"),
+    (("learning_starts", "eval_freq", "final_eval_episodes"), ">= 0"),
+    (("gamma",), "in (0, 1]"),
+)
+COMMON_ARG_CONSTRAINTS = (
+    (lambda a: a.batch_size <= a.buffer_size, "--batch-size {batch_size} is larger than --buffer-size {buffer_size}"),
+    (lambda a: a.num_envs <= a.buffer_size, "--num-envs {num_envs} is larger than --buffer-size {buffer_size}"),
+)
+ARG_RULES = {
+    "positive": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "a positive even number": lambda v: v > 0 and v % 2 == 0,
+}
+# Flags a resumed run may change; everything else comes from the checkpoint so the run continues unchanged.
+RESUME_OVERRIDES = ("total_timesteps", "resume", "save_model", "checkpoint_every", "save_buffer", "cuda", "track",
+                    "wandb_project_name", "wandb_entity", "capture_video", "log_every", "eval_freq")  # fmt: skip
+# Seconds between status lines when stdout is not a terminal (nohup, Slurm, CI); the environment may override it.
+STATUS_EVERY_S = float(os.environ.get("QFLEX_BENCH_STATUS_EVERY_S", "60"))
+
+
+def resolve_preset(args: Args) -> Args:
+    """Fill every flag left at None from the chosen preset (explicit flags win)."""
+    for name, value in PRESETS[args.preset].items():  # a callable value is computed from the flags resolved before it
+        if getattr(args, name) is None:
+            setattr(args, name, value(args) if callable(value) else value)
+    if args.updates_per_step is None:
+        args.updates_per_step = 1
+    if args.eval_freq is None:
+        args.eval_freq = min(1_000_000, args.total_timesteps // 20)
+    return args
+
+
+def validate_args(args: Args) -> None:
+    """Raise ValueError with a one-line message for arguments that cannot work."""
+    for names, rule in COMMON_ARG_CHECKS + ALGO_ARG_CHECKS:
+        for name in names:
+            if not ARG_RULES[rule](getattr(args, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+    for holds, message in COMMON_ARG_CONSTRAINTS + ALGO_ARG_CONSTRAINTS:
+        if not holds(args):
+            raise ValueError(message.format(**vars(args)))
+
+
+def load_checkpoint(path: str, algo: str) -> dict:
+    """Load a checkpoint written by `algo`.py, or raise ValueError with a one-line message."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("algo") != algo:
+        raise ValueError(f"{path} is not a {algo}.py checkpoint")
+    return checkpoint
+
+
+class GlobalRNG:
+    """Python's, NumPy's and torch's global generators as one stateful object."""
+
+    def state_dict(self) -> dict:
+        return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+
+    def load_state_dict(self, state: dict) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+
+
+def state_of(obj):
+    """What a checkpoint stores for one stateful object (module, optimizer, buffer, tensor or generator)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, torch.Generator):
+        return obj.get_state()
+    if isinstance(obj, np.random.Generator):
+        return obj.bit_generator.state
+    return obj.state_dict()
+
+
+def restore(obj, state) -> None:
+    """Inverse of `state_of`, in place."""
+    if isinstance(obj, torch.Tensor):
+        with torch.no_grad():
+            obj.copy_(state)
+    elif isinstance(obj, torch.Generator):
+        obj.set_state(state)
+    elif isinstance(obj, np.random.Generator):
+        obj.bit_generator.state = state
+    else:
+        obj.load_state_dict(state)
+
+
+def crossed(prev_step: int, step: int, period: int) -> bool:
+    """Whether a vector step from prev_step to step passed a multiple of period (steps advance by num_envs)."""
+    return step // period > prev_step // period
+
+
+def atomic_write(path: str, write) -> None:
+    """`write(tmp_path)`, then rename: a crash never leaves a half-written checkpoint or result file."""
+    tmp_path = path + ".tmp"
+    write(tmp_path)
+    os.replace(tmp_path, path)
+
+
+def atomic_write_json(obj, path: str) -> None:
+    def write(tmp_path: str) -> None:
+        with open(tmp_path, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+
+    atomic_write(path, write)
+
+
+def write_scalars(writer: SummaryWriter, scalars: dict, global_step: int) -> None:
+    """Log a dict of device scalars with one host sync."""
+    if scalars:
+        for key, value in zip(scalars, torch.stack(list(scalars.values())).tolist(), strict=True):
+            writer.add_scalar(key, value, global_step)
+
+
+def nonfinite_loss(scalars: dict) -> torch.Tensor:
+    """Device bool: whether any `*_loss` entry is NaN or infinite (read only at log and checkpoint steps)."""
+    losses = [value for key, value in scalars.items() if key.endswith("_loss")]
+    return ~torch.isfinite(torch.stack(losses)).all() if losses else torch.zeros((), dtype=torch.bool)
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (nohup, Slurm, CI) one status line every STATUS_EVERY_S seconds."""
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.tty, self.status = total, sys.stdout.isatty(), {}
+        self.bar = tqdm(total=total, initial=initial, unit="step", disable=not self.tty)
+        self.last_print = time.time()
+
+    def update(self, num_steps: int, global_step: int) -> None:
+        self.bar.update(num_steps)
+        if not self.tty and time.time() - self.last_print >= STATUS_EVERY_S:
+            self.last_print = time.time()
+            print(f"step {global_step}/{self.total}: " + ", ".join(f"{k} {v}" for k, v in self.status.items()), flush=True)
+
+    def set(self, **status) -> None:
+        self.status.update(status)
+        self.bar.set_postfix(self.status, refresh=False)
+
+
+class ReplayBuffer:
+    """FIFO buffer preallocated on the device; uniform sampling with its own generator.
+
+    Stores (s, a, r, s', terminated, truncated): a as the policy emitted it, r raw (any scaling happens inside the
+    update), s' the true final observation at episode ends, `terminated` the bootstrap mask, `truncated` for logging.
+    """
+
+    fields = ("obs", "actions", "rewards", "next_obs", "terminations", "truncations")
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device, generator: torch.Generator):
+        self.capacity, self.device, self.generator, self.pos, self.size = capacity, device, generator, 0, 0
+        shapes = dict(obs=(capacity, obs_dim), actions=(capacity, act_dim), next_obs=(capacity, obs_dim))
+        self.storage = {k: torch.empty(shapes.get(k, (capacity,)), dtype=torch.float32, device=device) for k in self.fields}
+
+    def add(self, obs, actions, rewards, next_obs, terminations, truncations):
+        idx = torch.arange(self.pos, self.pos + len(obs), device=self.device) % self.capacity
+        for storage, rows in zip(
+            self.storage.values(), (obs, actions, rewards, next_obs, terminations, truncations), strict=True
+        ):
+            storage[idx] = torch.as_tensor(rows, dtype=torch.float32).to(self.device, non_blocking=True)
+        self.pos = (self.pos + len(obs)) % self.capacity
+        self.size = min(self.size + len(obs), self.capacity)
+
+    def sample(self, batch_size: int) -> Batch:
+        idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=self.generator)
+        return Batch(*(self.storage[k][idx] for k in Batch._fields))
+
+    def state_dict(self) -> dict:
+        return dict({k: v[: self.size].cpu() for k, v in self.storage.items()}, pos=self.pos, size=self.size)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos, self.size = state["pos"], state["size"]
+        for k, v in self.storage.items():
+            v[: self.size] = state[k].to(self.device)
 
 
 if __name__ == "__main__":
+    # TRY NOT TO MODIFY: arguments, resume, seeding and env setup; nothing is written before all of them succeed
     args = tyro.cli(Args)
-    checkpoint = None
+    algo, checkpoint = os.path.basename(__file__)[: -len(".py")], None
     try:
         if args.resume is not None:
-            checkpoint = load_checkpoint(args.resume)
-            cli = vars(args).copy()
+            checkpoint = load_checkpoint(args.resume, algo)
+            cli, defaults = vars(args).copy(), vars(Args())
             args = Args(**checkpoint["args"])
-            defaults = vars(Args())
             for name in RESUME_OVERRIDES:  # only flags given with a non-default value change the resumed run
                 if cli[name] != defaults[name]:
                     setattr(args, name, cli[name])
         resolve_preset(args)
         validate_args(args)
         check_env_id(args.env_id)
+        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        if checkpoint and checkpoint.get("device") != device.type:  # generator states are device-specific
+            raise ValueError(f"{args.resume} was written on {checkpoint.get('device')}; resume it there, not on {device.type}")
+        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_name = checkpoint["run_name"] if checkpoint else run_name
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+        # Separate streams, so the logging frequency or evaluation never changes the training noise.
+        act_generator = torch.Generator(device=device).manual_seed(args.seed)
+        update_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+        replay_generator = torch.Generator(device=device).manual_seed(args.seed + 2)
+        warmup_rng = np.random.default_rng(args.seed)
+        eval_seed = args.seed + 10_000
+        envs, eval_env = make_envs(args.env_id, args.num_envs, args.seed, args.async_envs, run_name, args.capture_video,
+                                   video_every=args.eval_episodes, eval_seed=eval_seed)  # fmt: skip
     except (ValueError, EnvIdError) as e:
         sys.exit(f"{args.exp_name}.py: error: {e}")
-
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = checkpoint["run_name"] if checkpoint else run_name
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-            resume="allow" if checkpoint else None,
-        )
-    start_step = checkpoint["global_step"] if checkpoint else 0
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step if checkpoint else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    atomic_write_json(
-        dict(
-            vars(args),
-            run_name=run_name,
-            versions={"torch": torch.__version__, "gymnasium": gym.__version__, "numpy": np.__version__},
-        ),
-        f"runs/{run_name}/config.json",
-    )
-    print(f"{run_name}: preset {args.preset}, " + ", ".join(f"{k}={getattr(args, k)}" for k in PRESETS[args.preset]))
-
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    # Separate streams, so the logging frequency or evaluation never changes the training noise.
-    act_generator = torch.Generator(device=device).manual_seed(args.seed)
-    update_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
-    replay_generator = torch.Generator(device=device).manual_seed(args.seed + 2)
-    warmup_rng = np.random.default_rng(args.seed)
-
-    # env setup
-    try:
-        envs = make_vector_env(args.env_id, args.num_envs, args.seed, args.async_envs, run_name)
-        eval_env = make_env(args.env_id, args.seed + 10_000, 0, args.capture_video, run_name, video_every=args.eval_episodes)()
-    except Exception as e:  # a user env that fails to build: report it in one line
-        sys.exit(f"{args.exp_name}.py: error: cannot make env '{args.env_id}': {type(e).__name__}: {e}")
-    assert isinstance(envs.single_action_space, gym.spaces.Box), "only continuous action space is supported"
     obs_dim = int(np.prod(envs.single_observation_space.shape))
     act_dim = int(np.prod(envs.single_action_space.shape))
 
     # ALGO LOGIC: initialize agent here
-    paper = args.preset == "paper"
-    brn = dict(
-        momentum=args.brn_momentum,
-        eps=args.brn_eps,
-        r_max=args.brn_r_max,
-        d_max=args.brn_d_max,
-        warmup=args.brn_warmup,
-        debias=args.brn_debias,
-    )
+    brn = dict(momentum=args.brn_momentum, eps=args.brn_eps, r_max=args.brn_r_max, d_max=args.brn_d_max,
+               warmup=args.brn_warmup, debias=args.brn_debias)  # fmt: skip
     actor = Actor(obs_dim, act_dim, args.hidden_dim, args.num_layers, brn, args.separate_heads).to(device)
     qf1 = SoftQNetwork(obs_dim, act_dim, args.critic_hidden_dim, args.num_layers, brn).to(device)
     qf2 = SoftQNetwork(obs_dim, act_dim, args.critic_hidden_dim, args.num_layers, brn).to(device)
     betas = (args.adam_beta1, 0.999)
     q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr, betas=betas)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, betas=betas)
-    critic_loss_scale = 0.5 if paper else 1.0  # sbx: sum_i 1/2 mean; relax: sum_i mean (Adam-invariant)
     target_entropy = -float(act_dim)
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=args.autotune)
-    alpha = log_alpha.detach().exp()
     a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device, replay_generator)
-
-    global_step, num_updates = start_step, 0
-    if checkpoint:
-        for module, key in (
-            (actor, "actor"),
-            (qf1, "qf1"),
-            (qf2, "qf2"),
-            (q_optimizer, "q_optimizer"),
-            (actor_optimizer, "actor_optimizer"),
-            (a_optimizer, "a_optimizer"),
-        ):
-            module.load_state_dict(checkpoint[key])
-        with torch.no_grad():
-            log_alpha.copy_(checkpoint["log_alpha"])
-        alpha = log_alpha.detach().exp()
-        num_updates = checkpoint["num_updates"]
-        rng = checkpoint["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        for generator, key in ((act_generator, "act"), (update_generator, "update"), (replay_generator, "replay")):
-            generator.set_state(rng[key])
-        warmup_rng.bit_generator.state = rng["warmup"]
-        if "replay_buffer" in checkpoint:
-            rb.load_state_dict(checkpoint["replay_buffer"])
-
-    def save_checkpoint():
-        os.makedirs(f"models/{run_name}", exist_ok=True)
-        state = dict(
-            algo="crossq",
-            args=vars(args),
-            run_name=run_name,
-            global_step=global_step,
-            num_updates=num_updates,
-            actor=actor.state_dict(),  # BRN running statistics and call counters are buffers, so they are included
-            qf1=qf1.state_dict(),
-            qf2=qf2.state_dict(),
-            q_optimizer=q_optimizer.state_dict(),
-            actor_optimizer=actor_optimizer.state_dict(),
-            a_optimizer=a_optimizer.state_dict(),
-            log_alpha=log_alpha.detach().cpu(),
-            rng=dict(
-                python=random.getstate(),
-                numpy=np.random.get_state(),
-                torch=torch.get_rng_state(),
-                act=act_generator.get_state(),
-                update=update_generator.get_state(),
-                replay=replay_generator.get_state(),
-                warmup=warmup_rng.bit_generator.state,
-            ),
-        )
-        if args.save_buffer:
-            state["replay_buffer"] = rb.state_dict()
-        atomic_torch_save(state, f"models/{run_name}/checkpoint.pt")
+    action_counts = torch.zeros(2, dtype=torch.float64)  # saturated and all rollout action coordinates since the last log
+    # Everything a checkpoint holds besides the counters; save and resume both read this one mapping. BatchRenorm
+    # running statistics and call counters are module buffers, so they travel with the networks.
+    stateful = dict(actor=actor, qf1=qf1, qf2=qf2, q_optimizer=q_optimizer, actor_optimizer=actor_optimizer,
+                    a_optimizer=a_optimizer, log_alpha=log_alpha, action_counts=action_counts)  # fmt: skip
 
     @torch.no_grad()
     def deterministic_action(obs: np.ndarray) -> np.ndarray:
-        """Evaluation action: tanh(mu) with the actor's BRN in eval mode, already in [-1, 1]."""
+        """Evaluation action: tanh(mu) with the actor's BatchRenorm in eval mode, already in [-1, 1]."""
         actor.eval()
         mean, _ = actor(torch.as_tensor(obs, device=device))
         return torch.tanh(mean).cpu().numpy()
+
+    # TRY NOT TO MODIFY: run directory, checkpoints and resume
+    stateful.update(global_rng=GlobalRNG(), act_generator=act_generator, update_generator=update_generator,
+                    replay_generator=replay_generator, warmup_rng=warmup_rng)  # fmt: skip
+    global_step, num_updates = 0, 0
+    if checkpoint:
+        if "replay_buffer" in checkpoint:
+            stateful["replay_buffer"] = rb
+        missing = [key for key in stateful if key not in checkpoint]
+        if missing:
+            sys.exit(f"{args.exp_name}.py: error: {args.resume} lacks {', '.join(missing)}; it cannot be resumed")
+        for key, obj in stateful.items():
+            restore(obj, checkpoint[key])
+        global_step, num_updates = checkpoint["global_step"], checkpoint["num_updates"]
+    if args.save_buffer:
+        stateful["replay_buffer"] = rb
+    start_step = global_step
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True, resume="allow" if checkpoint else None)  # fmt: skip
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step if checkpoint else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    versions = {"torch": torch.__version__, "gymnasium": gym.__version__, "numpy": np.__version__}
+    atomic_write_json(dict(vars(args), run_name=run_name, versions=versions), f"runs/{run_name}/config.json")
+    print(f"{run_name}: preset {args.preset}, " + ", ".join(f"{k}={getattr(args, k)}" for k in PRESETS[args.preset]))
+
+    def save_checkpoint():
+        os.makedirs(f"models/{run_name}", exist_ok=True)
+        state = {key: state_of(obj) for key, obj in stateful.items()}
+        state.update(algo=algo, args=vars(args), run_name=run_name, device=device.type, global_step=global_step,
+                     num_updates=num_updates)  # fmt: skip
+        atomic_write(f"models/{run_name}/checkpoint.pt", lambda tmp_path: torch.save(state, tmp_path))
 
     def stop_if_nonfinite():
         """One host sync; called at log steps and before every checkpoint, so no bad state is ever saved."""
@@ -736,20 +761,19 @@ if __name__ == "__main__":
                 "stopped, the last good checkpoint is kept"
             )
 
-    # Loss tensors stay on the device; they are read (synchronising) only at log steps.
-    zero = torch.zeros((), device=device)
-    qf1_loss = qf2_loss = qf1_a_values = qf2_a_values = actor_loss = alpha_loss = log_pi = zero
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    saturated, acted = 0, 0  # policy action coordinates with |a_i| > 0.99, and all of them, since the last log
-
-    if args.eval_freq and global_step == 0:  # the untrained policy, so every curve starts at step 0
-        for key, value in evaluate(eval_env, deterministic_action, args.eval_episodes, args.seed + 10_000).scalars().items():
-            writer.add_scalar(key, value, 0)
+    def evaluate_and_log(num_episodes: int) -> dict:
+        scalars = evaluate(eval_env, deterministic_action, num_episodes, eval_seed).scalars()
+        for key, value in scalars.items():
+            writer.add_scalar(key, value, global_step)
+        progress.set(eval=f"{scalars['eval/episodic_return']:.2f}")
+        return scalars
 
     # TRY NOT TO MODIFY: start the game
+    logs, nonfinite = {}, torch.zeros((), dtype=torch.bool, device=device)
+    progress = Progress(args.total_timesteps, global_step)
+    if args.eval_freq and global_step == 0:  # the untrained policy, so every curve starts at step 0
+        evaluate_and_log(args.eval_episodes)
     start_time = time.time()
-    last_return = float("nan")
-    progress = tqdm(total=args.total_timesteps, initial=global_step, unit="step", disable=not sys.stdout.isatty())
     obs, _ = envs.reset(seed=args.seed + global_step)
     while global_step < args.total_timesteps:
         # ALGO LOGIC: put action logic here
@@ -761,12 +785,12 @@ if __name__ == "__main__":
                 noise = torch.randn((args.num_envs, act_dim), device=device, generator=act_generator)
                 actions, _ = actor.sample(torch.as_tensor(obs, device=device), noise, args.tanh_correction)
             actions = actions.cpu().numpy()
-            saturated, acted = saturated + saturation_count(actions), acted + actions.size
+            action_counts += torch.tensor([saturation_count(actions), actions.size], dtype=torch.float64)
 
         # TRY NOT TO MODIFY: execute the game and log data.
         next_obs, rewards, terminations, truncations, infos = envs.step(actions)
         prev_step, global_step = global_step, global_step + args.num_envs
-        progress.update(args.num_envs)
+        progress.update(args.num_envs, global_step)
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         step = split_vector_step(next_obs, terminations, truncations, infos)
@@ -775,7 +799,7 @@ if __name__ == "__main__":
             writer.add_scalar("charts/episodic_length", episode.episodic_length, global_step)
             if episode.success is not None:
                 writer.add_scalar("charts/episodic_success", episode.success, global_step)
-            last_return = episode.episodic_return
+            progress.set(ret=f"{episode.episodic_return:.1f}")
 
         # TRY NOT TO MODIFY: save data to replay buffer; handle `final_obs`
         rb.add(obs, actions, rewards, step.real_next_obs, step.terminated, step.truncated)
@@ -786,111 +810,59 @@ if __name__ == "__main__":
         # ALGO LOGIC: training.
         if global_step >= args.learning_starts and rb.size >= args.batch_size:
             for _ in range(args.updates_per_step):
-                b_obs, b_actions, b_rewards, b_next_obs, b_terminations = rb.sample(args.batch_size)
-                actor.eval()  # a' from the running statistics; nothing in the actor's BRN changes
-                with torch.no_grad():
-                    next_noise = torch.randn((args.batch_size, act_dim), device=device, generator=update_generator)
-                    next_actions, next_log_prob = actor.sample(b_next_obs, next_noise, args.tanh_correction)
-                # One train-mode pass per critic over [s; s'], [a; a']: the BRN statistics see both halves.
-                qf1.train()
-                qf2.train()
-                joint_obs, joint_actions = torch.cat([b_obs, b_next_obs]), torch.cat([b_actions, next_actions])
-                qf1_a_values, qf1_next = qf1(joint_obs, joint_actions).chunk(2)
-                qf2_a_values, qf2_next = qf2(joint_obs, joint_actions).chunk(2)
-                next_q_value = soft_q_target(
-                    args.reward_scale * b_rewards,
-                    b_terminations,
-                    qf1_next,
-                    qf2_next,
-                    next_log_prob,
-                    alpha,
-                    args.gamma,
+                batch = rb.sample(args.batch_size)
+                if args.nan_to_num:
+                    batch = nan_to_num_batch(batch)
+                next_noise = torch.randn((args.batch_size, act_dim), device=device, generator=update_generator)
+                # The critics' optimiser steps inside critic_step (post-update) or after the actor step (pre-update); then
+                # the actor step sees the critics' weights from before this update with the BatchRenorm statistics that the
+                # joint pass just wrote.
+                post_update = args.actor_critic_weights == "post-update"
+                logs.update(
+                    critic_step(batch, next_noise, actor, qf1, qf2, q_optimizer, log_alpha, args, step_optimizer=post_update)
                 )
-                qf1_loss = F.mse_loss(qf1_a_values, next_q_value)
-                qf2_loss = F.mse_loss(qf2_a_values, next_q_value)
-                q_optimizer.zero_grad()
-                (critic_loss_scale * (qf1_loss + qf2_loss)).backward()
-                if args.actor_critic_weights == "post-update":
-                    q_optimizer.step()
-
-                if (num_updates + 1) % args.policy_delay == 0:  # after critic updates delay, 2 delay, ...
-                    actor.train()
-                    qf1.eval()
-                    qf2.eval()
+                if (num_updates + 1) % args.policy_delay == 0:  # after critic updates d, 2d, 3d, ... (d = policy_delay)
                     pi_noise = torch.randn((args.batch_size, act_dim), device=device, generator=update_generator)
-                    pi, log_pi = actor.sample(b_obs, pi_noise, args.tanh_correction)
-                    min_qf_pi = torch.minimum(qf1(b_obs, pi), qf2(b_obs, pi))
-                    actor_loss = (alpha * log_pi - min_qf_pi).mean()
-                    actor_optimizer.zero_grad()
-                    actor_loss.backward(inputs=list(actor.parameters()))  # leave no gradient in the critics
-                    actor_optimizer.step()
-                    actor.eval()
-
+                    actor_logs, log_pi = actor_step(batch, pi_noise, actor, qf1, qf2, actor_optimizer, log_alpha, args)
+                    logs.update(actor_logs)
                     if args.autotune:
-                        alpha_loss = temperature_loss(log_alpha, log_pi, target_entropy, args.alpha_loss_form)
-                        a_optimizer.zero_grad()
-                        alpha_loss.backward()
-                        a_optimizer.step()
-                        alpha = log_alpha.detach().exp()
-
-                if args.actor_critic_weights == "pre-update":  # the actor step above saw phi_bar; step the critics now
+                        logs.update(alpha_step(log_pi, log_alpha, a_optimizer, target_entropy, args.alpha_loss_form))
+                if not post_update:
                     q_optimizer.step()
-
                 num_updates += 1
-                nonfinite |= ~torch.isfinite(qf1_loss + qf2_loss + actor_loss)
+                nonfinite |= nonfinite_loss(logs)
                 if num_updates % args.log_every == 0:
+                    logs.update(rollout_diagnostics(action_counts, device))
+                    # TRY NOT TO MODIFY: log the update
                     stop_if_nonfinite()
+                    write_scalars(writer, logs, global_step)
                     sps = int((global_step - start_step) / (time.time() - start_time))
-                    writer.add_scalar("losses/qf1_values", qf1_a_values.mean().item(), global_step)
-                    writer.add_scalar("losses/qf2_values", qf2_a_values.mean().item(), global_step)
-                    writer.add_scalar("losses/qf1_loss", qf1_loss.item(), global_step)
-                    writer.add_scalar("losses/qf2_loss", qf2_loss.item(), global_step)
-                    writer.add_scalar("losses/qf_loss", (qf1_loss + qf2_loss).item() / 2.0, global_step)
-                    writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
-                    writer.add_scalar("losses/alpha", alpha.item(), global_step)
-                    writer.add_scalar("losses/alpha_loss", alpha_loss.item(), global_step)
-                    writer.add_scalar("losses/entropy", -log_pi.detach().mean().item(), global_step)
-                    if acted:
-                        writer.add_scalar("charts/action_saturation", saturated / acted, global_step)
-                        saturated, acted = 0, 0
                     writer.add_scalar("charts/SPS", sps, global_step)
                     writer.add_scalar("charts/updates", num_updates, global_step)
-                    progress.set_postfix(SPS=sps, ret=f"{last_return:.1f}", refresh=False)
+                    progress.set(SPS=sps)
 
-        # Evaluation and checkpoints happen when global_step crosses a multiple of their period.
+        # TRY NOT TO MODIFY: evaluation and checkpoints, when global_step crosses a multiple of their period
         if args.eval_freq and crossed(prev_step, global_step, args.eval_freq) and global_step < args.total_timesteps:
-            result = evaluate(eval_env, deterministic_action, args.eval_episodes, args.seed + 10_000)
-            for key, value in result.scalars().items():
-                writer.add_scalar(key, value, global_step)
+            evaluate_and_log(args.eval_episodes)
         if args.save_model and crossed(prev_step, global_step, args.checkpoint_every):
             stop_if_nonfinite()
             save_checkpoint()
 
+    # TRY NOT TO MODIFY: final checkpoint and evaluation
     stop_if_nonfinite()
     if args.save_model:
         save_checkpoint()
         print(f"checkpoint saved to models/{run_name}/checkpoint.pt")
     if args.final_eval_episodes:
-        result = evaluate(eval_env, deterministic_action, args.final_eval_episodes, args.seed + 10_000)
-        scalars = result.scalars()
-        for key, value in scalars.items():
-            writer.add_scalar(key, value, global_step)
-        atomic_write_json(
-            dict(
-                scalars,
-                global_step=global_step,
-                num_updates=num_updates,
-                episodes=args.final_eval_episodes,
-                wall_time=time.time() - start_time,
-            ),
-            f"runs/{run_name}/final_eval.json",
-        )
+        scalars = evaluate_and_log(args.final_eval_episodes)
+        final = dict(scalars, global_step=global_step, num_updates=num_updates, episodes=args.final_eval_episodes,
+                     wall_time=time.time() - start_time)  # fmt: skip
+        atomic_write_json(final, f"runs/{run_name}/final_eval.json")
         print(
             f"final eval over {args.final_eval_episodes} episodes: return {scalars['eval/episodic_return']:.2f} "
             f"± {scalars['eval/episodic_return_std']:.2f}"
         )
-
-    progress.close()
+    progress.bar.close()
     envs.close()
     eval_env.close()
     writer.close()

@@ -1,42 +1,13 @@
-# docs and experiment results can be found at README.md#dacerpy
-"""DACER: Diffusion Actor-Critic with Entropy Regulator (Wang et al., NeurIPS 2024, arXiv 2405.15177), one file.
+# docs and experiment results can be found at docs/algorithms/dacer.md
+"""DACER: Diffusion Actor-Critic with Entropy Regulator (Wang et al., NeurIPS 2024, arXiv 2405.15177), in one file.
 
-A diffusion policy (noise-prediction network eps_theta(s, x, t), T = 20 reverse steps) is trained by back-propagating
-min_i Q_i through the whole reverse chain; exploration is Gaussian noise kappa * alpha * xi added to the chain output,
-and alpha is adapted every 10k updates from a Gaussian-mixture estimate of the policy's entropy. The critics are
-DSAC-T-style distributional twins (mean and std heads). Spec: ../shared/specs/baselines.md §3 and §6.
-
-Two presets, chosen with --preset; every explicitly passed flag overrides them:
-  * paper           the released code (happy-yan/DACER-Diffusion-with-Online-RL): VP noise schedule with
-                    x_T ~ N(0, I), lr 1e-4 constant for critics and policy, 20 envs, 30k warm-up, 30M transitions
-                    (the reference Humanoid budget).
-  * qflex-protocol  (default) the DACER of the Qflex comparison, as reconstructed in baselines.md §6 items 1-2:
-                    linear schedule beta_t = 0.3 * linspace(1e-4, 0.999, T) with x_T ~ 0.5 N(0, I), lr 3e-4, policy lr
-                    decayed linearly to 3e-5 over policy-optimiser steps 25k-75k, 80 envs, 1 update per vector step,
-                    30k warm-up, 20M transitions (the myoLegWalk-v0 budget).
-Shared by both: 3x256 mish networks, truncated-normal 1/sqrt(fan_in) init, reward scale 0.2, tau 0.005, policy and
-target updates every 2nd update, kappa 0.15, alpha0 = 3, alpha lr 3e-2 every 10k updates, H-bar = -0.9 d.
-
-Choices where the spec leaves a point open:
-  * Within one update everything reads the pre-update state, as the JAX reference does: the policy step (on even
-    updates) runs before the critic step, so it sees the critics before this update's step, and the entropy for an
-    alpha step is estimated with the policy before its step. Critic gradients never flow from the actor loss.
-  * One clipped zeta ~ N(0, 1) per transition for the sampled target (the reference draws one per critic and keeps
-    the one of the argmin critic: the same distribution).
-  * The entropy estimate is the paper's GaussianMixture (3 full components, 200 samples per batch state, reg_covar
-    1e-6, random_state 42). At |A| >= ~60 each full covariance is rank-deficient and the estimate is biased low by
-    tens to ~100 nats (spec §3.5). `--entropy-estimator gmm-diag` fits diagonal components instead: 2d parameters
-    per component, well conditioned at any |A|; it ignores correlations, so on a Gaussian it can only overestimate
-    (Hadamard's inequality). On 200 isotropic samples at d = 80 (sigma 0.45, true entropy 49.6 nats) gmm-full returns
-    -23 to -53 (seeds 0-2) and gmm-diag +47.7 to +48.3. The default stays the paper's estimator.
-  * alpha0 = 3 as in the spec (the released network file initialises log alpha = 1.2, alpha 3.3; `--alpha 3.32`).
-  * The deterministic (evaluation) action seeds its chain noise with a CRC32 of the observation bytes (the reference
-    hashes mean(s) * std(s)); the chain runs without the kappa * alpha noise, then the result is clipped.
-  * The GMM fits run on the CPU after the (device) sampling, synchronously: alpha is used right after its step.
-  * The reverse chain evaluates eps_theta's first layer split by input: the state and time parts are computed once per
-    chain, only the action part at every step (same maths; 38% fewer multiply-adds per step at myoLegWalk sizes).
-  * `dacer/clipped_fraction` logs the share of policy-step action coordinates at the box boundary (no gradient
-    reaches them through the final clip).
+A diffusion policy (T reverse steps of a noise-prediction network) is trained by back-propagating min_i Q_i through the
+whole chain (`actor_step`); DSAC-T-style distributional twin critics learn an entropy-free target (`critic_step`);
+exploration adds kappa * alpha * xi to the chain output, and alpha follows a Gaussian-mixture estimate of the policy's
+entropy every 10k updates (`alpha_step`). Two presets (`--preset`; any flag you pass wins over them):
+  * paper           the released code (happy-yan/DACER-Diffusion-with-Online-RL): VP schedule, lr 1e-4, 20 envs;
+  * qflex-protocol  (default) the DACER of the Qflex comparison: linear schedule, lr 3e-4 decaying to 3e-5, 80 envs.
+Equations, defaults and their sources: docs/algorithms/dacer.md.
 """
 
 import json
@@ -48,7 +19,7 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -59,11 +30,12 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from envs import EnvIdError, check_env_id, evaluate, make_env, make_vector_env, split_vector_step
+from envs import EnvIdError, check_env_id, evaluate, make_envs, split_vector_step
 
 
 @dataclass
 class Args:
+    # TRY NOT TO MODIFY: common arguments
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -89,39 +61,37 @@ class Args:
     resume: str | None = None
     """path of a checkpoint to continue from, at its step, with its arguments (only budget/output flags may change)"""
     log_every: int = 100
-    """gradient updates between scalar logs (losses, SPS)"""
-
-    # Environment and protocol
+    """gradient updates between scalar logs (losses, SPS, diagnostics)"""
     env_id: str = "myoLegWalk-v0"
     """the id of the environment (any registered id, or `module:EnvName-v0`)"""
     preset: Literal["paper", "qflex-protocol"] = "qflex-protocol"
-    """hyperparameter preset: `paper` (the released DACER code) or `qflex-protocol` (the Qflex authors' comparison)"""
+    """hyperparameter preset: `paper` (as its authors released it) or `qflex-protocol` (as the Qflex authors ran it)"""
     total_timesteps: int | None = None
-    """total env transitions, summed over all envs (preset: paper 30M, qflex-protocol 20M)"""
+    """total env transitions, summed over all envs (default: the preset's)"""
     num_envs: int | None = None
-    """number of parallel envs E (preset: paper 20, qflex-protocol 80)"""
+    """number of parallel envs E (default: the preset's)"""
     async_envs: bool = False
     """use gymnasium's AsyncVectorEnv (subprocesses) instead of SyncVectorEnv"""
     buffer_size: int = 1_000_000
     """the replay memory buffer size (transitions)"""
     gamma: float = 0.99
     """the discount factor gamma"""
-    tau: float = 0.005
-    """target smoothing coefficient (also the rate of the critics' std EMA)"""
     batch_size: int = 256
     """the batch size of sample from the replay memory"""
     learning_starts: int | None = None
-    """env transitions of uniform random actions before updates start (preset: 30k)"""
-    updates_per_step: int = 1
-    """gradient updates per vector-env step U (UTD = U / num_envs per transition)"""
+    """env transitions of uniform random actions before updates start (default: the preset's)"""
+    updates_per_step: int | None = None
+    """gradient updates per vector-env step U, so UTD = U / num_envs per transition (default: the preset's, else 1)"""
     eval_freq: int | None = None
     """env transitions between evaluations (default min(1M, total/20)); 0 disables periodic evaluation"""
     eval_episodes: int = 5
-    """episodes per periodic evaluation round (deterministic policy, separate env)"""
+    """episodes per periodic evaluation round (the algorithm's deterministic action, separate env)"""
     final_eval_episodes: int = 20
     """episodes of the final evaluation (the per-run score)"""
 
-    # Algorithm specific arguments
+    # ALGO LOGIC: algorithm specific arguments
+    tau: float = 0.005
+    """target smoothing coefficient (also the rate of the critics' std EMA)"""
     policy_lr: float | None = None
     """the (initial) learning rate of the diffusion policy optimizer (preset: paper 1e-4, qflex-protocol 3e-4)"""
     q_lr: float | None = None
@@ -132,28 +102,29 @@ class Args:
     policy_lr_end: float = 3e-5
     """final policy learning rate of the linear schedule"""
     lr_decay_begin: int = 25_000
-    """policy-optimiser step at which the linear lr decay begins"""
+    """policy step at which the linear lr decay begins"""
     lr_decay_steps: int = 50_000
-    """policy-optimiser steps over which the lr decays linearly"""
+    """policy steps over which the lr decays linearly"""
+    policy_delay: int = 2
+    """one policy step and one target-critic update on every policy_delay-th update (the critics step on every update)"""
     alpha_lr: float = 3e-2
     """the learning rate of the temperature optimizer"""
     alpha_every: int = 10_000
-    """updates between temperature steps (each runs batch_size x --entropy-samples chains and GMM fits)"""
+    """updates between temperature steps (each runs batch_size x --entropy-samples chains and batch_size GMM fits)"""
     alpha: float = 3.0
-    """initial temperature alpha; the exploration noise std is --noise-factor * alpha"""
+    """initial temperature alpha (the released code: log alpha = log 3); the exploration noise std is --noise-scale * alpha"""
     autotune: bool = True
-    """automatic tuning of alpha towards the target entropy -0.9 |A|"""
+    """automatic tuning of alpha towards the target entropy -target_entropy_scale * |A|"""
     target_entropy_scale: float = 0.9
     """target entropy H-bar = -target_entropy_scale * |A|"""
     entropy_estimator: Literal["gmm-full", "gmm-diag"] = "gmm-full"
-    """entropy estimate for alpha: the paper's full-covariance GMM, or diagonal components (well conditioned at
-    large |A|; see the module docstring)"""
+    """entropy estimate for alpha: the paper's full-covariance GMM, or diagonal components (well conditioned at large |A|)"""
     entropy_samples: int = 200
     """actions drawn per batch state for the entropy estimate"""
     gmm_components: int = 3
     """Gaussian-mixture components of the entropy estimate"""
-    noise_factor: float = 0.15
-    """kappa: the exploration noise added to the chain output has std kappa * alpha"""
+    noise_scale: float = 0.15
+    """kappa: the exploration noise added to the chain output has std noise_scale * alpha"""
     num_timesteps: int = 20
     """number of diffusion steps T"""
     beta_schedule: Literal["vp", "linear"] | None = None
@@ -161,8 +132,6 @@ class Args:
     (preset: paper vp, qflex-protocol linear)"""
     beta_scale: float = 0.3
     """scale of the linear schedule beta_t = beta_scale * linspace(1e-4, 0.999, T)"""
-    policy_frequency: int = 2
-    """policy and target-critic updates happen on every policy_frequency-th update (critics every update)"""
     hidden_dim: int = 256
     """width of every hidden layer (critics and noise-prediction network)"""
     num_layers: int = 3
@@ -174,188 +143,29 @@ class Args:
 
 
 PRESETS = {
-    "paper": dict(
-        total_timesteps=30_000_000,
-        num_envs=20,
-        learning_starts=30_000,
-        policy_lr=1e-4,
-        q_lr=1e-4,
-        lr_schedule="constant",
-        beta_schedule="vp",
-    ),
-    "qflex-protocol": dict(
-        total_timesteps=20_000_000,
-        num_envs=80,
-        learning_starts=30_000,
-        policy_lr=3e-4,
-        q_lr=3e-4,
-        lr_schedule="linear",
-        beta_schedule="linear",
-    ),
-}
-# Flags a resumed run may change; everything else comes from the checkpoint so the run continues unchanged.
-RESUME_OVERRIDES = (
-    "total_timesteps",
-    "resume",
-    "save_model",
-    "checkpoint_every",
-    "save_buffer",
-    "cuda",
-    "track",
-    "wandb_project_name",
-    "wandb_entity",
-    "capture_video",
-    "log_every",
-    "eval_freq",
+    "paper": dict(total_timesteps=30_000_000, num_envs=20, learning_starts=30_000, policy_lr=1e-4, q_lr=1e-4,
+                  lr_schedule="constant", beta_schedule="vp"),
+    "qflex-protocol": dict(total_timesteps=20_000_000, num_envs=80, learning_starts=30_000, policy_lr=3e-4, q_lr=3e-4,
+                           lr_schedule="linear", beta_schedule="linear"),
+}  # fmt: skip
+# Argument checks besides the common ones: (flags, rule) pairs with a rule of ARG_RULES, then (holds, message) pairs
+# over several flags, the message formatted with the arguments.
+ALGO_ARG_CHECKS = (
+    (("policy_lr", "q_lr", "policy_lr_end", "lr_decay_steps", "policy_delay", "hidden_dim", "num_layers"), "positive"),
+    (("alpha_lr", "alpha_every", "alpha", "entropy_samples", "gmm_components", "num_timesteps", "beta_scale"), "positive"),
+    (("reward_scale",), "positive"),
+    (("lr_decay_begin", "noise_scale"), ">= 0"),
+    (("tau",), "in (0, 1]"),
+    (("time_dim",), "a positive even number"),
 )
+ALGO_ARG_CONSTRAINTS = (
+    (lambda a: a.beta_schedule != "linear" or a.beta_scale * 0.999 < 1, "--beta-scale {beta_scale} makes the last beta >= 1"),
+    (lambda a: not a.autotune or a.entropy_samples >= a.gmm_components,
+     "--entropy-samples {entropy_samples} is below --gmm-components {gmm_components}"),
+)  # fmt: skip
 
 
-def resolve_preset(args: Args) -> Args:
-    """Fill every flag left at None from the chosen preset (explicit flags win)."""
-    for name, value in PRESETS[args.preset].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.eval_freq is None:
-        args.eval_freq = min(1_000_000, args.total_timesteps // 20)
-    return args
-
-
-def validate_args(args: Args) -> None:
-    """Raise ValueError with a one-line message for arguments that cannot work."""
-    positive = [
-        "total_timesteps",
-        "num_envs",
-        "buffer_size",
-        "batch_size",
-        "updates_per_step",
-        "eval_episodes",
-        "policy_frequency",
-        "hidden_dim",
-        "num_layers",
-        "checkpoint_every",
-        "log_every",
-        "policy_lr",
-        "q_lr",
-        "alpha_lr",
-        "alpha",
-        "reward_scale",
-        "policy_lr_end",
-        "lr_decay_steps",
-        "alpha_every",
-        "entropy_samples",
-        "gmm_components",
-        "num_timesteps",
-        "beta_scale",
-    ]
-    for name in positive:
-        if not getattr(args, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_starts", "eval_freq", "final_eval_episodes", "lr_decay_begin", "noise_factor"]:
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.batch_size > args.buffer_size:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
-    if args.num_envs > args.buffer_size:
-        raise ValueError(f"--num-envs {args.num_envs} is larger than --buffer-size {args.buffer_size}")
-    if not (0 < args.gamma <= 1 and 0 < args.tau <= 1):
-        raise ValueError("--gamma and --tau must lie in (0, 1]")
-    if args.time_dim % 2 or args.time_dim < 2:
-        raise ValueError(f"--time-dim must be a positive even number, got {args.time_dim}")
-    if args.beta_schedule == "linear" and not args.beta_scale * 0.999 < 1:
-        raise ValueError(f"--beta-scale {args.beta_scale} makes the last beta >= 1")
-    if args.autotune and args.entropy_samples < args.gmm_components:
-        raise ValueError(f"--entropy-samples {args.entropy_samples} is below --gmm-components {args.gmm_components}")
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by this script, or raise ValueError with a one-line message."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        first_line = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("algo") != "dacer":
-        raise ValueError(f"{path} is not a dacer.py checkpoint")
-    return checkpoint
-
-
-def crossed(prev_step: int, step: int, period: int) -> bool:
-    """Whether a vector step from prev_step to step passed a multiple of period (steps advance by num_envs)."""
-    return step // period > prev_step // period
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """Write to a temp file and rename, so a crash never leaves a half-written checkpoint."""
-    tmp_path = path + ".tmp"
-    torch.save(obj, tmp_path)
-    os.replace(tmp_path, path)
-
-
-def atomic_write_json(obj, path: str) -> None:
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp_path, path)
-
-
-class ReplayBuffer:
-    """FIFO buffer preallocated on the device; uniform sampling with its own generator.
-
-    Stores (s, a, r, s', terminated, truncated): a as emitted by the policy, r raw (scaled inside the update),
-    s' the true final observation at episode ends, `terminated` the bootstrap mask, `truncated` for logging only.
-    """
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device, generator: torch.Generator):
-        self.capacity, self.device, self.generator = capacity, device, generator
-        self.obs = torch.empty((capacity, obs_dim), dtype=torch.float32, device=device)
-        self.next_obs = torch.empty((capacity, obs_dim), dtype=torch.float32, device=device)
-        self.actions = torch.empty((capacity, act_dim), dtype=torch.float32, device=device)
-        self.rewards = torch.empty(capacity, dtype=torch.float32, device=device)
-        self.terminations = torch.empty(capacity, dtype=torch.float32, device=device)
-        self.truncations = torch.empty(capacity, dtype=torch.float32, device=device)
-        self.pos, self.size = 0, 0
-
-    def add(self, obs, actions, rewards, next_obs, terminations, truncations):
-        n = len(obs)
-        idx = torch.arange(self.pos, self.pos + n, device=self.device) % self.capacity
-        for storage, rows in (
-            (self.obs, obs),
-            (self.actions, actions),
-            (self.rewards, rewards),
-            (self.next_obs, next_obs),
-            (self.terminations, terminations),
-            (self.truncations, truncations),
-        ):
-            storage[idx] = torch.as_tensor(rows, dtype=torch.float32).to(self.device, non_blocking=True)
-        self.pos = (self.pos + n) % self.capacity
-        self.size = min(self.size + n, self.capacity)
-
-    def sample(self, batch_size: int):
-        idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=self.generator)
-        return self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.terminations[idx]
-
-    def state_dict(self) -> dict:
-        n = self.size
-        return dict(
-            pos=self.pos,
-            size=n,
-            obs=self.obs[:n].cpu(),
-            next_obs=self.next_obs[:n].cpu(),
-            actions=self.actions[:n].cpu(),
-            rewards=self.rewards[:n].cpu(),
-            terminations=self.terminations[:n].cpu(),
-            truncations=self.truncations[:n].cpu(),
-        )
-
-    def load_state_dict(self, state: dict) -> None:
-        n = state["size"]
-        for name in ("obs", "next_obs", "actions", "rewards", "terminations", "truncations"):
-            getattr(self, name)[:n] = state[name].to(self.device)
-        self.pos, self.size = state["pos"], n
-
-
+# ALGO LOGIC: networks
 def trunc_normal_init_(layer: nn.Linear) -> nn.Linear:
     """Haiku's default Linear init, used by the JAX reference code: N(0, 1/fan_in) truncated at 2 std, zero bias."""
     std = 1.0 / math.sqrt(layer.in_features)
@@ -364,30 +174,107 @@ def trunc_normal_init_(layer: nn.Linear) -> nn.Linear:
     return layer
 
 
-def mlp(in_dim: int, hidden_dim: int, num_layers: int, activation: type[nn.Module], jax_init: bool) -> nn.Sequential:
+def mlp(in_dim: int, hidden_dim: int, num_layers: int, activation: type[nn.Module]) -> nn.Sequential:
     layers, width = [], in_dim
     for _ in range(num_layers):
-        linear = nn.Linear(width, hidden_dim)
-        layers += [trunc_normal_init_(linear) if jax_init else linear, activation()]
+        layers += [trunc_normal_init_(nn.Linear(width, hidden_dim)), activation()]
         width = hidden_dim
     return nn.Sequential(*layers)
 
 
-class SoftQNetwork(nn.Module):
-    """Distributional critic (DSAC-T): concat(s, a) -> trunk -> (mean, softplus -> std)."""
+class DistributionalQNetwork(nn.Module):
+    """DSAC-T critic: concat(s, a) -> trunk -> (mean mu, softplus -> std sigma); its target has no entropy term."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, activation, jax_init: bool):
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, activation):
         super().__init__()
-        self.trunk = mlp(obs_dim + act_dim, hidden_dim, num_layers, activation, jax_init)
-        self.head = nn.Linear(hidden_dim, 2)
-        if jax_init:
-            trunc_normal_init_(self.head)
+        self.trunk = mlp(obs_dim + act_dim, hidden_dim, num_layers, activation)
+        self.head = trunc_normal_init_(nn.Linear(hidden_dim, 2))
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, raw_std = self.head(self.trunk(torch.cat([obs, actions], dim=1))).unbind(-1)
         return mean, F.softplus(raw_std)
 
 
+SAMPLE_CHUNK = 16_384  # rows per reverse-chain call when sampling for the entropy estimate (bounds activation memory)
+
+
+class ChainNoise(NamedTuple):
+    """Standard normal draws for N chains: start x_T [N, d] (scaled by x_T_scale), step noises z [T, N, d] and the
+    exploration noise xi [N, d]."""
+
+    x_T: torch.Tensor
+    z: torch.Tensor
+    xi: torch.Tensor
+
+    def split(self, size: int) -> list["ChainNoise"]:
+        parts = zip(self.x_T.split(size), self.z.split(size, dim=1), self.xi.split(size), strict=True)
+        return [ChainNoise(*part) for part in parts]
+
+
+class Actor(nn.Module):
+    """Diffusion policy: noise-prediction network eps_theta(s, x, t) and its T-step reverse chain.
+
+    eps_theta = Linear(d) o [Linear(hidden), mish] x L applied to concat(s, x, emb(t)), with
+    emb = Linear(time_dim) o mish o Linear(2 time_dim) of the sinusoidal embedding.
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        hidden_dim: int,
+        num_layers: int,
+        activation,
+        betas: np.ndarray,
+        x_T_scale: float,
+        time_dim: int,
+    ):
+        super().__init__()
+        self.obs_dim, self.act_dim, self.time_dim, self.x_T_scale = obs_dim, act_dim, time_dim, x_T_scale
+        self.coef = diffusion_coefficients(betas)
+        self.num_timesteps = len(betas)
+        self.time_mlp = nn.Sequential(nn.Linear(time_dim, 2 * time_dim), activation(), nn.Linear(2 * time_dim, time_dim))
+        self.trunk = mlp(obs_dim + act_dim + time_dim, hidden_dim, num_layers, activation)
+        self.head = nn.Linear(hidden_dim, act_dim)
+        for layer in (self.time_mlp[0], self.time_mlp[2], self.head):
+            trunc_normal_init_(layer)
+
+    def forward(self, obs: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.time_dim))
+        return self.head(self.trunk(torch.cat([obs, x, emb], dim=1)))
+
+    def chain(self, obs: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Run the reverse chain from x = x_T with step noises z[t]; differentiable in the parameters.
+
+        Same maths as calling forward() at every step, cheaper: the first layer is split by input, and its state
+        part W_s s + b and time part W_e emb(t) are computed once per chain instead of once per step."""
+        first = self.trunk[0]
+        w_obs, w_act, w_emb = first.weight.split([self.obs_dim, self.act_dim, self.time_dim], dim=1)
+        obs_part = F.linear(obs, w_obs, first.bias)
+        steps = torch.arange(self.num_timesteps, device=obs.device)
+        emb_part = F.linear(self.time_mlp(timestep_embedding(steps, self.time_dim)), w_emb)
+        for t in reversed(range(self.num_timesteps)):
+            hidden = self.trunk[1:](obs_part + emb_part[t] + F.linear(x, w_act))
+            x = reverse_step(x, self.head(hidden), self.coef, t, z[t])
+        return x
+
+    def draw_noise(self, rows: int, generator: torch.Generator) -> ChainNoise:
+        """ChainNoise for `rows` chains from `generator`, SAMPLE_CHUNK rows at a time (x_T, z, xi of each in turn)."""
+        parts = []
+        for start in range(0, rows, SAMPLE_CHUNK):
+            shape = (min(SAMPLE_CHUNK, rows - start), self.act_dim)
+            shapes = (shape, (self.num_timesteps, *shape), shape)
+            parts.append([torch.randn(s, device=generator.device, generator=generator) for s in shapes])
+        x_T, z, xi = zip(*parts, strict=True)
+        return ChainNoise(torch.cat(x_T), torch.cat(z, dim=1), torch.cat(xi))
+
+    def sample(self, obs: torch.Tensor, noise: ChainNoise, noise_std) -> torch.Tensor:
+        """a = clip(chain(s) + noise_std * xi, -1, 1) from x_T = x_T_scale * noise.x_T; noise_std = kappa * alpha."""
+        x = self.chain(obs, self.x_T_scale * noise.x_T, noise.z)
+        return (x + noise_std * noise.xi).clamp(-1.0, 1.0)
+
+
+# ALGO LOGIC: maths
 def vp_beta_schedule(num_timesteps: int, b_min: float = 0.1, b_max: float = 10.0) -> np.ndarray:
     """VP-SDE discretisation: beta_t = 1 - exp(-b_min/T - (b_max - b_min)(2t - 1)/(2T^2)), t = 1..T."""
     t = np.arange(1, num_timesteps + 1, dtype=np.float64)
@@ -443,65 +330,15 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1) / math.sqrt(dim)
 
 
-class Actor(nn.Module):
-    """Diffusion policy: noise-prediction network eps_theta(s, x, t) and its T-step reverse chain.
-
-    eps_theta = Linear(d) o [Linear(hidden), mish] x L applied to concat(s, x, emb(t)), with
-    emb = Linear(time_dim) o mish o Linear(2 time_dim) of the sinusoidal embedding.
-    """
-
-    def __init__(
-        self,
-        obs_dim: int,
-        act_dim: int,
-        hidden_dim: int,
-        num_layers: int,
-        activation,
-        jax_init: bool,
-        betas: np.ndarray,
-        x_T_scale: float,
-        time_dim: int,
-    ):
-        super().__init__()
-        self.obs_dim, self.act_dim, self.time_dim, self.x_T_scale = obs_dim, act_dim, time_dim, x_T_scale
-        self.coef = diffusion_coefficients(betas)
-        self.num_timesteps = len(betas)
-        self.time_mlp = nn.Sequential(nn.Linear(time_dim, 2 * time_dim), activation(), nn.Linear(2 * time_dim, time_dim))
-        self.trunk = mlp(obs_dim + act_dim + time_dim, hidden_dim, num_layers, activation, jax_init)
-        self.head = nn.Linear(hidden_dim, act_dim)
-        if jax_init:
-            for layer in (self.time_mlp[0], self.time_mlp[2], self.head):
-                trunc_normal_init_(layer)
-
-    def forward(self, obs: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time_mlp(timestep_embedding(t, self.time_dim))
-        return self.head(self.trunk(torch.cat([obs, x, emb], dim=1)))
-
-    def chain(self, obs: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Run the reverse chain from x = x_T with step noises z[t]; differentiable in the parameters.
-
-        Same maths as calling forward() at every step, cheaper: the first layer is split by input, and its state
-        part W_s s + b and time part W_e emb(t) are computed once per chain instead of once per step."""
-        first = self.trunk[0]
-        w_obs, w_act, w_emb = first.weight.split([self.obs_dim, self.act_dim, self.time_dim], dim=1)
-        obs_part = F.linear(obs, w_obs, first.bias)
-        steps = torch.arange(self.num_timesteps, device=obs.device)
-        emb_part = F.linear(self.time_mlp(timestep_embedding(steps, self.time_dim)), w_emb)
-        for t in reversed(range(self.num_timesteps)):
-            hidden = self.trunk[1:](obs_part + emb_part[t] + F.linear(x, w_act))
-            x = reverse_step(x, self.head(hidden), self.coef, t, z[t])
-        return x
-
-    def sample(self, obs: torch.Tensor, generator: torch.Generator, noise_std) -> torch.Tensor:
-        """a = clip(chain(s) + noise_std * xi, -1, 1); noise_std = kappa * alpha (0: no exploration noise)."""
-        shape = (len(obs), self.act_dim)
-        x_T = self.x_T_scale * torch.randn(shape, device=obs.device, generator=generator)
-        z = torch.randn((self.num_timesteps, *shape), device=obs.device, generator=generator)
-        x = self.chain(obs, x_T, z)
-        if not isinstance(noise_std, torch.Tensor) and noise_std == 0:
-            return x.clamp(-1.0, 1.0)
-        xi = torch.randn(shape, device=obs.device, generator=generator)
-        return (x + noise_std * xi).clamp(-1.0, 1.0)
+def bootstrap_target(rewards, terminations, next_q1, next_q2, zeta, gamma: float):
+    """DSAC-T targets from the target critics' (mean, std) at (s', a'), no entropy term; terminated only, never truncated:
+    y_mean = r + gamma (1 - terminated) min_i mu_i and y_sample = r + gamma (1 - terminated) (mu_j + sigma_j zeta),
+    with j = argmin_i mu_i and zeta ~ N(0, 1) clipped here to [-3, 3]."""
+    (mean1, std1), (mean2, std2) = next_q1, next_q2
+    zeta = zeta.clamp(-3.0, 3.0)
+    sample = torch.where(mean1 < mean2, mean1 + std1 * zeta, mean2 + std2 * zeta)
+    discount = gamma * (1.0 - terminations)
+    return rewards + discount * torch.minimum(mean1, mean2), rewards + discount * sample
 
 
 def update_std_ema(std_ema: torch.Tensor, batch_mean_std: torch.Tensor, tau: float) -> torch.Tensor:
@@ -556,16 +393,6 @@ def estimate_entropy(actions: np.ndarray, n_components: int = 3, estimator: str 
     return float(np.mean([gmm_entropy(state_actions, n_components, covariance_type) for state_actions in actions]))
 
 
-def distributional_targets(rewards, terminations, next_q1, next_q2, zeta, gamma: float):
-    """DSAC-T targets from the target critics' (mean, std) at (s', a'), no entropy term; terminated only, never truncated:
-    y_mean = r + gamma (1 - terminated) min_i mu_i and y_sample = r + gamma (1 - terminated) (mu_j + sigma_j zeta),
-    with j = argmin_i mu_i and zeta ~ N(0, 1) clipped to [-3, 3]."""
-    (mean1, std1), (mean2, std2) = next_q1, next_q2
-    sample = torch.where(mean1 < mean2, mean1 + std1 * zeta, mean2 + std2 * zeta)
-    discount = gamma * (1.0 - terminations)
-    return rewards + discount * torch.minimum(mean1, mean2), rewards + discount * sample
-
-
 def linear_lr(step: int, lr: float, lr_end: float, begin: int, steps: int) -> float:
     """optax.linear_schedule: lr until `begin`, then linear to lr_end over `steps`, then lr_end."""
     frac = min(max(step - begin, 0) / steps, 1.0)
@@ -577,70 +404,317 @@ def observation_seed(obs: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(obs, dtype=np.float32).tobytes())
 
 
+# ALGO LOGIC: update steps
+class Batch(NamedTuple):
+    obs: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    next_obs: torch.Tensor
+    terminations: torch.Tensor
+
+
+def critic_step(batch: Batch, next_actions, zeta, qf1, qf2, qf1_target, qf2_target, q_optimizer, std_ema, args) -> dict:
+    """One step on L_1 + L_2 (`distributional_critic_loss`) towards the target critics' entropy-free targets at
+    (s', a') (`bootstrap_target`); b_i (`std_ema`, updated in place) takes this batch's std first, as in the reference."""
+    with torch.no_grad():
+        y_mean, y_sample = bootstrap_target(
+            args.reward_scale * batch.rewards,
+            batch.terminations,
+            qf1_target(batch.next_obs, next_actions),
+            qf2_target(batch.next_obs, next_actions),
+            zeta,
+            args.gamma,
+        )
+    qf1_a_values, qf1_a_std = qf1(batch.obs, batch.actions)
+    qf2_a_values, qf2_a_std = qf2(batch.obs, batch.actions)
+    std_ema.copy_(update_std_ema(std_ema, torch.stack([qf1_a_std.mean(), qf2_a_std.mean()]), args.tau))
+    qf1_loss = distributional_critic_loss(qf1_a_values, qf1_a_std, y_mean, y_sample, std_ema[0])
+    qf2_loss = distributional_critic_loss(qf2_a_values, qf2_a_std, y_mean, y_sample, std_ema[1])
+    q_optimizer.zero_grad()
+    (qf1_loss + qf2_loss).backward()
+    q_optimizer.step()
+    return {
+        "losses/qf1_values": qf1_a_values.detach().mean(),
+        "losses/qf2_values": qf2_a_values.detach().mean(),
+        "losses/qf1_loss": qf1_loss.detach(),
+        "losses/qf2_loss": qf2_loss.detach(),
+        "losses/qf_loss": (qf1_loss + qf2_loss).detach() / 2.0,
+        "dacer/qf1_std": qf1_a_std.detach().mean(),
+        "dacer/qf2_std": qf2_a_std.detach().mean(),
+        "dacer/qf1_std_ema": std_ema[0].clone(),
+        "dacer/qf2_std_ema": std_ema[1].clone(),
+    }
+
+
+def actor_step(batch: Batch, noise: ChainNoise, actor, qf1, qf2, actor_optimizer, noise_std, lr: float) -> dict:
+    """One step at learning rate lr on -mean min_i mu_i(s, a), a = clip(chain(s) + kappa alpha xi, -1, 1), back-propagated
+    through all T reverse steps; the critics get no gradient."""
+    for group in actor_optimizer.param_groups:
+        group["lr"] = lr
+    pi = actor.sample(batch.obs, noise, noise_std)
+    actor_loss = -torch.minimum(qf1(batch.obs, pi)[0], qf2(batch.obs, pi)[0]).mean()
+    actor_optimizer.zero_grad()
+    actor_loss.backward(inputs=list(actor.parameters()))  # leave no gradient in the critics
+    actor_optimizer.step()
+    clipped_fraction = (pi.detach().abs() >= 1.0).float().mean()  # coordinates no gradient reaches through the clip
+    return {"losses/actor_loss": actor_loss.detach(), "dacer/clipped_fraction": clipped_fraction}
+
+
+def alpha_step(obs, noise: ChainNoise, actor, log_alpha, a_optimizer, noise_std, target_entropy: float, args) -> dict:
+    """H = mean over the batch states of the GMM entropy (`estimate_entropy`) of --entropy-samples policy actions each
+    (chain, noise and clip included), then one Adam step on -log alpha (H-bar - H): alpha grows while H < H-bar."""
+    with torch.no_grad():
+        rows = obs.repeat_interleave(args.entropy_samples, dim=0)
+        parts = zip(rows.split(SAMPLE_CHUNK), noise.split(SAMPLE_CHUNK), strict=True)
+        samples = torch.cat([actor.sample(part, part_noise, noise_std) for part, part_noise in parts])
+        samples = samples.view(len(obs), args.entropy_samples, -1).cpu().numpy()
+    entropy = torch.tensor(estimate_entropy(samples, args.gmm_components, args.entropy_estimator), device=obs.device)
+    alpha_loss = -log_alpha * (target_entropy - entropy)
+    a_optimizer.zero_grad()
+    alpha_loss.backward()
+    a_optimizer.step()
+    return {"losses/alpha_loss": alpha_loss.detach(), "dacer/entropy": entropy}
+
+
+@torch.no_grad()
+def polyak_update(online: nn.Module, target: nn.Module, tau: float) -> None:
+    """phi-bar <- (1 - tau) phi-bar + tau phi."""
+    for param, target_param in zip(online.parameters(), target.parameters(), strict=True):
+        target_param.lerp_(param, tau)
+
+
+def diagnostics(log_alpha, actor_optimizer, target_entropy: float, args) -> dict:
+    """Scalars read at log steps only: alpha, the exploration noise std kappa * alpha, H-bar and the policy lr."""
+    alpha = log_alpha.detach().exp()
+    return {
+        "losses/alpha": alpha,
+        "dacer/noise_std": args.noise_scale * alpha.double(),
+        "dacer/target_entropy": torch.tensor(target_entropy, device=alpha.device),
+        "dacer/policy_lr": torch.tensor(actor_optimizer.param_groups[0]["lr"], device=alpha.device),
+    }
+
+
+# TRY NOT TO MODIFY: run plumbing
+COMMON_ARG_CHECKS = (
+    (("total_timesteps", "num_envs", "buffer_size", "batch_size", "updates_per_step", "eval_episodes"), "positive"),
+    (("checkpoint_every", "log_every"), "positive"),
+    (("learning_starts", "eval_freq", "final_eval_episodes"), ">= 0"),
+    (("gamma",), "in (0, 1]"),
+)
+COMMON_ARG_CONSTRAINTS = (
+    (lambda a: a.batch_size <= a.buffer_size, "--batch-size {batch_size} is larger than --buffer-size {buffer_size}"),
+    (lambda a: a.num_envs <= a.buffer_size, "--num-envs {num_envs} is larger than --buffer-size {buffer_size}"),
+)
+ARG_RULES = {
+    "positive": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "a positive even number": lambda v: v > 0 and v % 2 == 0,
+}
+# Flags a resumed run may change; everything else comes from the checkpoint so the run continues unchanged.
+RESUME_OVERRIDES = ("total_timesteps", "resume", "save_model", "checkpoint_every", "save_buffer", "cuda", "track",
+                    "wandb_project_name", "wandb_entity", "capture_video", "log_every", "eval_freq")  # fmt: skip
+# Seconds between status lines when stdout is not a terminal (nohup, Slurm, CI); the environment may override it.
+STATUS_EVERY_S = float(os.environ.get("QFLEX_BENCH_STATUS_EVERY_S", "60"))
+
+
+def resolve_preset(args: Args) -> Args:
+    """Fill every flag left at None from the chosen preset (explicit flags win)."""
+    for name, value in PRESETS[args.preset].items():  # a callable value is computed from the flags resolved before it
+        if getattr(args, name) is None:
+            setattr(args, name, value(args) if callable(value) else value)
+    if args.updates_per_step is None:
+        args.updates_per_step = 1
+    if args.eval_freq is None:
+        args.eval_freq = min(1_000_000, args.total_timesteps // 20)
+    return args
+
+
+def validate_args(args: Args) -> None:
+    """Raise ValueError with a one-line message for arguments that cannot work."""
+    for names, rule in COMMON_ARG_CHECKS + ALGO_ARG_CHECKS:
+        for name in names:
+            if not ARG_RULES[rule](getattr(args, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+    for holds, message in COMMON_ARG_CONSTRAINTS + ALGO_ARG_CONSTRAINTS:
+        if not holds(args):
+            raise ValueError(message.format(**vars(args)))
+
+
+def load_checkpoint(path: str, algo: str) -> dict:
+    """Load a checkpoint written by `algo`.py, or raise ValueError with a one-line message."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("algo") != algo:
+        raise ValueError(f"{path} is not a {algo}.py checkpoint")
+    return checkpoint
+
+
+class GlobalRNG:
+    """Python's, NumPy's and torch's global generators as one stateful object."""
+
+    def state_dict(self) -> dict:
+        return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+
+    def load_state_dict(self, state: dict) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+
+
+def state_of(obj):
+    """What a checkpoint stores for one stateful object (module, optimizer, buffer, tensor or generator)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, torch.Generator):
+        return obj.get_state()
+    if isinstance(obj, np.random.Generator):
+        return obj.bit_generator.state
+    return obj.state_dict()
+
+
+def restore(obj, state) -> None:
+    """Inverse of `state_of`, in place."""
+    if isinstance(obj, torch.Tensor):
+        with torch.no_grad():
+            obj.copy_(state)
+    elif isinstance(obj, torch.Generator):
+        obj.set_state(state)
+    elif isinstance(obj, np.random.Generator):
+        obj.bit_generator.state = state
+    else:
+        obj.load_state_dict(state)
+
+
+def crossed(prev_step: int, step: int, period: int) -> bool:
+    """Whether a vector step from prev_step to step passed a multiple of period (steps advance by num_envs)."""
+    return step // period > prev_step // period
+
+
+def atomic_write(path: str, write) -> None:
+    """`write(tmp_path)`, then rename: a crash never leaves a half-written checkpoint or result file."""
+    tmp_path = path + ".tmp"
+    write(tmp_path)
+    os.replace(tmp_path, path)
+
+
+def atomic_write_json(obj, path: str) -> None:
+    def write(tmp_path: str) -> None:
+        with open(tmp_path, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+
+    atomic_write(path, write)
+
+
+def write_scalars(writer: SummaryWriter, scalars: dict, global_step: int) -> None:
+    """Log a dict of device scalars with one host sync."""
+    if scalars:
+        for key, value in zip(scalars, torch.stack(list(scalars.values())).tolist(), strict=True):
+            writer.add_scalar(key, value, global_step)
+
+
+def nonfinite_loss(scalars: dict) -> torch.Tensor:
+    """Device bool: whether any `*_loss` entry is NaN or infinite (read only at log and checkpoint steps)."""
+    losses = [value for key, value in scalars.items() if key.endswith("_loss")]
+    return ~torch.isfinite(torch.stack(losses)).all() if losses else torch.zeros((), dtype=torch.bool)
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (nohup, Slurm, CI) one status line every STATUS_EVERY_S seconds."""
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.tty, self.status = total, sys.stdout.isatty(), {}
+        self.bar = tqdm(total=total, initial=initial, unit="step", disable=not self.tty)
+        self.last_print = time.time()
+
+    def update(self, num_steps: int, global_step: int) -> None:
+        self.bar.update(num_steps)
+        if not self.tty and time.time() - self.last_print >= STATUS_EVERY_S:
+            self.last_print = time.time()
+            print(f"step {global_step}/{self.total}: " + ", ".join(f"{k} {v}" for k, v in self.status.items()), flush=True)
+
+    def set(self, **status) -> None:
+        self.status.update(status)
+        self.bar.set_postfix(self.status, refresh=False)
+
+
+class ReplayBuffer:
+    """FIFO buffer preallocated on the device; uniform sampling with its own generator.
+
+    Stores (s, a, r, s', terminated, truncated): a as the policy emitted it, r raw (any scaling happens inside the
+    update), s' the true final observation at episode ends, `terminated` the bootstrap mask, `truncated` for logging.
+    """
+
+    fields = ("obs", "actions", "rewards", "next_obs", "terminations", "truncations")
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device, generator: torch.Generator):
+        self.capacity, self.device, self.generator, self.pos, self.size = capacity, device, generator, 0, 0
+        shapes = dict(obs=(capacity, obs_dim), actions=(capacity, act_dim), next_obs=(capacity, obs_dim))
+        self.storage = {k: torch.empty(shapes.get(k, (capacity,)), dtype=torch.float32, device=device) for k in self.fields}
+
+    def add(self, obs, actions, rewards, next_obs, terminations, truncations):
+        idx = torch.arange(self.pos, self.pos + len(obs), device=self.device) % self.capacity
+        for storage, rows in zip(
+            self.storage.values(), (obs, actions, rewards, next_obs, terminations, truncations), strict=True
+        ):
+            storage[idx] = torch.as_tensor(rows, dtype=torch.float32).to(self.device, non_blocking=True)
+        self.pos = (self.pos + len(obs)) % self.capacity
+        self.size = min(self.size + len(obs), self.capacity)
+
+    def sample(self, batch_size: int) -> Batch:
+        idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=self.generator)
+        return Batch(*(self.storage[k][idx] for k in Batch._fields))
+
+    def state_dict(self) -> dict:
+        return dict({k: v[: self.size].cpu() for k, v in self.storage.items()}, pos=self.pos, size=self.size)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos, self.size = state["pos"], state["size"]
+        for k, v in self.storage.items():
+            v[: self.size] = state[k].to(self.device)
+
+
 if __name__ == "__main__":
+    # TRY NOT TO MODIFY: arguments, resume, seeding and env setup; nothing is written before all of them succeed
     args = tyro.cli(Args)
-    checkpoint = None
+    algo, checkpoint = os.path.basename(__file__)[: -len(".py")], None
     try:
         if args.resume is not None:
-            checkpoint = load_checkpoint(args.resume)
-            cli = vars(args).copy()
+            checkpoint = load_checkpoint(args.resume, algo)
+            cli, defaults = vars(args).copy(), vars(Args())
             args = Args(**checkpoint["args"])
-            defaults = vars(Args())
             for name in RESUME_OVERRIDES:  # only flags given with a non-default value change the resumed run
                 if cli[name] != defaults[name]:
                     setattr(args, name, cli[name])
         resolve_preset(args)
         validate_args(args)
         check_env_id(args.env_id)
+        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        if checkpoint and checkpoint.get("device") != device.type:  # generator states are device-specific
+            raise ValueError(f"{args.resume} was written on {checkpoint.get('device')}; resume it there, not on {device.type}")
+        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_name = checkpoint["run_name"] if checkpoint else run_name
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+        # Separate streams, so the logging frequency or evaluation never changes the training noise.
+        act_generator = torch.Generator(device=device).manual_seed(args.seed)
+        update_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+        replay_generator = torch.Generator(device=device).manual_seed(args.seed + 2)
+        warmup_rng = np.random.default_rng(args.seed)
+        eval_seed = args.seed + 10_000
+        envs, eval_env = make_envs(args.env_id, args.num_envs, args.seed, args.async_envs, run_name, args.capture_video,
+                                   video_every=args.eval_episodes, eval_seed=eval_seed)  # fmt: skip
     except (ValueError, EnvIdError) as e:
         sys.exit(f"{args.exp_name}.py: error: {e}")
-
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = checkpoint["run_name"] if checkpoint else run_name
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-            resume="allow" if checkpoint else None,
-        )
-    start_step = checkpoint["global_step"] if checkpoint else 0
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step if checkpoint else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    atomic_write_json(
-        dict(
-            vars(args),
-            run_name=run_name,
-            versions={"torch": torch.__version__, "gymnasium": gym.__version__, "numpy": np.__version__},
-        ),
-        f"runs/{run_name}/config.json",
-    )
-    print(f"{run_name}: preset {args.preset}, " + ", ".join(f"{k}={getattr(args, k)}" for k in PRESETS[args.preset]))
-
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    # Separate streams, so the logging frequency or evaluation never changes the training noise.
-    act_generator = torch.Generator(device=device).manual_seed(args.seed)
-    update_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
-    replay_generator = torch.Generator(device=device).manual_seed(args.seed + 2)
-    warmup_rng = np.random.default_rng(args.seed)
-
-    # env setup
-    try:
-        envs = make_vector_env(args.env_id, args.num_envs, args.seed, args.async_envs, run_name)
-        eval_env = make_env(args.env_id, args.seed + 10_000, 0, args.capture_video, run_name, video_every=args.eval_episodes)()
-    except Exception as e:  # a user env that fails to build: report it in one line
-        sys.exit(f"{args.exp_name}.py: error: cannot make env '{args.env_id}': {type(e).__name__}: {e}")
-    assert isinstance(envs.single_action_space, gym.spaces.Box), "only continuous action space is supported"
     obs_dim = int(np.prod(envs.single_observation_space.shape))
     act_dim = int(np.prod(envs.single_action_space.shape))
 
@@ -649,102 +723,67 @@ if __name__ == "__main__":
         betas, x_T_scale = vp_beta_schedule(args.num_timesteps), 1.0
     else:
         betas, x_T_scale = linear_beta_schedule(args.num_timesteps, args.beta_scale), 0.5
-    net_kwargs = dict(hidden_dim=args.hidden_dim, num_layers=args.num_layers, activation=nn.Mish, jax_init=True)
+    net_kwargs = dict(hidden_dim=args.hidden_dim, num_layers=args.num_layers, activation=nn.Mish)
     actor = Actor(obs_dim, act_dim, betas=betas, x_T_scale=x_T_scale, time_dim=args.time_dim, **net_kwargs).to(device)
-    qf1 = SoftQNetwork(obs_dim, act_dim, **net_kwargs).to(device)
-    qf2 = SoftQNetwork(obs_dim, act_dim, **net_kwargs).to(device)
-    qf1_target = SoftQNetwork(obs_dim, act_dim, **net_kwargs).to(device)
-    qf2_target = SoftQNetwork(obs_dim, act_dim, **net_kwargs).to(device)
+    qf1 = DistributionalQNetwork(obs_dim, act_dim, **net_kwargs).to(device)
+    qf2 = DistributionalQNetwork(obs_dim, act_dim, **net_kwargs).to(device)
+    qf1_target = DistributionalQNetwork(obs_dim, act_dim, **net_kwargs).to(device)
+    qf2_target = DistributionalQNetwork(obs_dim, act_dim, **net_kwargs).to(device)
     qf1_target.load_state_dict(qf1.state_dict())
     qf2_target.load_state_dict(qf2.state_dict())
     q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
+    policy_lr_end = args.policy_lr_end if args.lr_schedule == "linear" else args.policy_lr
     target_entropy = -args.target_entropy_scale * act_dim
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=args.autotune)
-    alpha = log_alpha.detach().exp()
     a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device, replay_generator)
     # b_i of the distributional loss: EMA of each critic's batch-mean std (-1 = not initialised yet).
     std_ema = torch.full((2,), -1.0, device=device)
-    entropy = torch.zeros((), device=device)  # last entropy estimate; only recomputed on alpha steps
-
-    global_step, num_updates, num_policy_updates = start_step, 0, 0
-    if checkpoint:
-        for module, key in (
-            (actor, "actor"),
-            (qf1, "qf1"),
-            (qf2, "qf2"),
-            (qf1_target, "qf1_target"),
-            (qf2_target, "qf2_target"),
-            (q_optimizer, "q_optimizer"),
-            (actor_optimizer, "actor_optimizer"),
-            (a_optimizer, "a_optimizer"),
-        ):
-            module.load_state_dict(checkpoint[key])
-        with torch.no_grad():
-            log_alpha.copy_(checkpoint["log_alpha"])
-            std_ema.copy_(checkpoint["std_ema"])
-            entropy.copy_(checkpoint["entropy"])
-        alpha = log_alpha.detach().exp()
-        num_updates = checkpoint["num_updates"]
-        num_policy_updates = checkpoint["num_policy_updates"]
-        rng = checkpoint["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        for generator, key in ((act_generator, "act"), (update_generator, "update"), (replay_generator, "replay")):
-            generator.set_state(rng[key])
-        warmup_rng.bit_generator.state = rng["warmup"]
-        if "replay_buffer" in checkpoint:
-            rb.load_state_dict(checkpoint["replay_buffer"])
-
-    def save_checkpoint():
-        os.makedirs(f"models/{run_name}", exist_ok=True)
-        state = dict(
-            algo="dacer",
-            args=vars(args),
-            run_name=run_name,
-            global_step=global_step,
-            num_updates=num_updates,
-            num_policy_updates=num_policy_updates,
-            actor=actor.state_dict(),
-            qf1=qf1.state_dict(),
-            qf2=qf2.state_dict(),
-            qf1_target=qf1_target.state_dict(),
-            qf2_target=qf2_target.state_dict(),
-            q_optimizer=q_optimizer.state_dict(),
-            actor_optimizer=actor_optimizer.state_dict(),
-            a_optimizer=a_optimizer.state_dict(),
-            log_alpha=log_alpha.detach().cpu(),
-            std_ema=std_ema.cpu(),
-            entropy=entropy.cpu(),
-            rng=dict(
-                python=random.getstate(),
-                numpy=np.random.get_state(),
-                torch=torch.get_rng_state(),
-                act=act_generator.get_state(),
-                update=update_generator.get_state(),
-                replay=replay_generator.get_state(),
-                warmup=warmup_rng.bit_generator.state,
-            ),
-        )
-        if args.save_buffer:
-            state["replay_buffer"] = rb.state_dict()
-        atomic_torch_save(state, f"models/{run_name}/checkpoint.pt")
+    # Everything a checkpoint holds besides the counters; save and resume both read this one mapping.
+    stateful = dict(actor=actor, qf1=qf1, qf2=qf2, qf1_target=qf1_target, qf2_target=qf2_target, q_optimizer=q_optimizer,
+                    actor_optimizer=actor_optimizer, a_optimizer=a_optimizer, log_alpha=log_alpha,
+                    std_ema=std_ema)  # fmt: skip
 
     @torch.no_grad()
     def deterministic_action(obs: np.ndarray) -> np.ndarray:
         """Evaluation action: the reverse chain without the kappa * alpha noise, chain noise seeded by the observation."""
-        generator = torch.Generator(device=device).manual_seed(observation_seed(obs))
-        return actor.sample(torch.as_tensor(obs, device=device), generator, noise_std=0.0).cpu().numpy()
+        noise = actor.draw_noise(len(obs), torch.Generator(device=device).manual_seed(observation_seed(obs)))
+        return actor.sample(torch.as_tensor(obs, device=device), noise, noise_std=0.0).cpu().numpy()
 
-    @torch.no_grad()
-    def policy_entropy(b_obs: torch.Tensor) -> torch.Tensor:
-        """GMM entropy of --entropy-samples policy actions (noise and clip included) per batch state, averaged."""
-        rows = b_obs.repeat_interleave(args.entropy_samples, dim=0)
-        chunks = [actor.sample(part, update_generator, args.noise_factor * alpha) for part in rows.split(16_384)]
-        samples = torch.cat(chunks).view(len(b_obs), args.entropy_samples, act_dim).cpu().numpy()
-        return torch.tensor(estimate_entropy(samples, args.gmm_components, args.entropy_estimator), device=device)
+    # TRY NOT TO MODIFY: run directory, checkpoints and resume
+    stateful.update(global_rng=GlobalRNG(), act_generator=act_generator, update_generator=update_generator,
+                    replay_generator=replay_generator, warmup_rng=warmup_rng)  # fmt: skip
+    global_step, num_updates = 0, 0
+    if checkpoint:
+        if "replay_buffer" in checkpoint:
+            stateful["replay_buffer"] = rb
+        missing = [key for key in stateful if key not in checkpoint]
+        if missing:
+            sys.exit(f"{args.exp_name}.py: error: {args.resume} lacks {', '.join(missing)}; it cannot be resumed")
+        for key, obj in stateful.items():
+            restore(obj, checkpoint[key])
+        global_step, num_updates = checkpoint["global_step"], checkpoint["num_updates"]
+    if args.save_buffer:
+        stateful["replay_buffer"] = rb
+    start_step = global_step
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True, resume="allow" if checkpoint else None)  # fmt: skip
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step if checkpoint else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    versions = {"torch": torch.__version__, "gymnasium": gym.__version__, "numpy": np.__version__}
+    atomic_write_json(dict(vars(args), run_name=run_name, versions=versions), f"runs/{run_name}/config.json")
+    print(f"{run_name}: preset {args.preset}, " + ", ".join(f"{k}={getattr(args, k)}" for k in PRESETS[args.preset]))
+
+    def save_checkpoint():
+        os.makedirs(f"models/{run_name}", exist_ok=True)
+        state = {key: state_of(obj) for key, obj in stateful.items()}
+        state.update(algo=algo, args=vars(args), run_name=run_name, device=device.type, global_step=global_step,
+                     num_updates=num_updates)  # fmt: skip
+        atomic_write(f"models/{run_name}/checkpoint.pt", lambda tmp_path: torch.save(state, tmp_path))
 
     def stop_if_nonfinite():
         """One host sync; called at log steps and before every checkpoint, so no bad state is ever saved."""
@@ -754,20 +793,19 @@ if __name__ == "__main__":
                 "stopped, the last good checkpoint is kept"
             )
 
-    # Loss tensors stay on the device; they are read (synchronising) only at log steps.
-    zero = torch.zeros((), device=device)
-    qf1_loss = qf2_loss = qf1_a_values = qf2_a_values = qf1_a_std = qf2_a_std = actor_loss = alpha_loss = zero
-    clipped_fraction = zero
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-
-    if args.eval_freq and global_step == 0:  # the untrained policy, so every curve starts at step 0
-        for key, value in evaluate(eval_env, deterministic_action, args.eval_episodes, args.seed + 10_000).scalars().items():
-            writer.add_scalar(key, value, 0)
+    def evaluate_and_log(num_episodes: int) -> dict:
+        scalars = evaluate(eval_env, deterministic_action, num_episodes, eval_seed).scalars()
+        for key, value in scalars.items():
+            writer.add_scalar(key, value, global_step)
+        progress.set(eval=f"{scalars['eval/episodic_return']:.2f}")
+        return scalars
 
     # TRY NOT TO MODIFY: start the game
+    logs, nonfinite = {}, torch.zeros((), dtype=torch.bool, device=device)
+    progress = Progress(args.total_timesteps, global_step)
+    if args.eval_freq and global_step == 0:  # the untrained policy, so every curve starts at step 0
+        evaluate_and_log(args.eval_episodes)
     start_time = time.time()
-    last_return = float("nan")
-    progress = tqdm(total=args.total_timesteps, initial=global_step, unit="step", disable=not sys.stdout.isatty())
     obs, _ = envs.reset(seed=args.seed + global_step)
     while global_step < args.total_timesteps:
         # ALGO LOGIC: put action logic here
@@ -775,13 +813,15 @@ if __name__ == "__main__":
             actions = warmup_rng.uniform(-1.0, 1.0, (args.num_envs, act_dim)).astype(np.float32)
         else:
             with torch.no_grad():
-                actions = actor.sample(torch.as_tensor(obs, device=device), act_generator, args.noise_factor * alpha)
+                noise = actor.draw_noise(args.num_envs, act_generator)
+                noise_std = args.noise_scale * log_alpha.detach().exp()
+                actions = actor.sample(torch.as_tensor(obs, device=device), noise, noise_std)
             actions = actions.cpu().numpy()
 
         # TRY NOT TO MODIFY: execute the game and log data.
         next_obs, rewards, terminations, truncations, infos = envs.step(actions)
         prev_step, global_step = global_step, global_step + args.num_envs
-        progress.update(args.num_envs)
+        progress.update(args.num_envs, global_step)
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         step = split_vector_step(next_obs, terminations, truncations, infos)
@@ -790,7 +830,7 @@ if __name__ == "__main__":
             writer.add_scalar("charts/episodic_length", episode.episodic_length, global_step)
             if episode.success is not None:
                 writer.add_scalar("charts/episodic_success", episode.success, global_step)
-            last_return = episode.episodic_return
+            progress.set(ret=f"{episode.episodic_return:.1f}")
 
         # TRY NOT TO MODIFY: save data to replay buffer; handle `final_obs`
         rb.add(obs, actions, rewards, step.real_next_obs, step.terminated, step.truncated)
@@ -801,123 +841,65 @@ if __name__ == "__main__":
         # ALGO LOGIC: training.
         if global_step >= args.learning_starts and rb.size >= args.batch_size:
             for _ in range(args.updates_per_step):
-                b_obs, b_actions, b_rewards, b_next_obs, b_terminations = rb.sample(args.batch_size)
+                # Every step reads the state from before this update, as the JAX reference does: a' and the entropy
+                # samples come from the policy before its step, and the policy step sees the critics before theirs.
+                batch = rb.sample(args.batch_size)
+                noise_std = args.noise_scale * log_alpha.detach().exp()  # kappa * alpha
+                next_noise = actor.draw_noise(args.batch_size, update_generator)
                 with torch.no_grad():
-                    next_actions = actor.sample(b_next_obs, update_generator, args.noise_factor * alpha)
-                    zeta = torch.randn(args.batch_size, device=device, generator=update_generator).clamp(-3.0, 3.0)
-                    y_mean, y_sample = distributional_targets(
-                        args.reward_scale * b_rewards,
-                        b_terminations,
-                        qf1_target(b_next_obs, next_actions),
-                        qf2_target(b_next_obs, next_actions),
-                        zeta,
-                        args.gamma,
+                    next_actions = actor.sample(batch.next_obs, next_noise, noise_std)
+                zeta = torch.randn(args.batch_size, device=device, generator=update_generator)
+                if args.autotune and num_updates % args.alpha_every == 0:
+                    entropy_noise = actor.draw_noise(args.batch_size * args.entropy_samples, update_generator)
+                    logs.update(
+                        alpha_step(batch.obs, entropy_noise, actor, log_alpha, a_optimizer, noise_std, target_entropy, args)
                     )
-
-                # alpha's entropy estimate reads the policy before this update's policy step (as the reference does)
-                alpha_step = args.autotune and num_updates % args.alpha_every == 0
-                if alpha_step:
-                    entropy = policy_entropy(b_obs)
-
-                # policy step before the critic step: the actor loss sees the critics before this update's step
-                if num_updates % args.policy_frequency == 0:
-                    lr_end = args.policy_lr_end if args.lr_schedule == "linear" else args.policy_lr
-                    for group in actor_optimizer.param_groups:
-                        group["lr"] = linear_lr(
-                            num_policy_updates, args.policy_lr, lr_end, args.lr_decay_begin, args.lr_decay_steps
-                        )
-                    pi = actor.sample(b_obs, update_generator, args.noise_factor * alpha)
-                    actor_loss = -torch.minimum(qf1(b_obs, pi)[0], qf2(b_obs, pi)[0]).mean()
-                    clipped_fraction = (pi.detach().abs() >= 1.0).float().mean()  # no gradient through these
-                    actor_optimizer.zero_grad()
-                    actor_loss.backward(inputs=list(actor.parameters()))  # leave no gradient in the critics
-                    actor_optimizer.step()
-                    num_policy_updates += 1
-
-                qf1_a_values, qf1_a_std = qf1(b_obs, b_actions)
-                qf2_a_values, qf2_a_std = qf2(b_obs, b_actions)
-                std_ema = update_std_ema(std_ema, torch.stack([qf1_a_std.mean(), qf2_a_std.mean()]), args.tau)
-                qf1_loss = distributional_critic_loss(qf1_a_values, qf1_a_std, y_mean, y_sample, std_ema[0])
-                qf2_loss = distributional_critic_loss(qf2_a_values, qf2_a_std, y_mean, y_sample, std_ema[1])
-                q_optimizer.zero_grad()
-                (qf1_loss + qf2_loss).backward()
-                q_optimizer.step()
-
-                if alpha_step:
-                    alpha_loss = -log_alpha * (target_entropy - entropy)
-                    a_optimizer.zero_grad()
-                    alpha_loss.backward()
-                    a_optimizer.step()
-                    alpha = log_alpha.detach().exp()
-
-                # update the target networks
-                if num_updates % args.policy_frequency == 0:
-                    with torch.no_grad():
-                        for param, target_param in zip(qf1.parameters(), qf1_target.parameters(), strict=True):
-                            target_param.lerp_(param, args.tau)
-                        for param, target_param in zip(qf2.parameters(), qf2_target.parameters(), strict=True):
-                            target_param.lerp_(param, args.tau)
-
+                policy_update = num_updates % args.policy_delay == 0
+                if policy_update:
+                    pi_noise = actor.draw_noise(args.batch_size, update_generator)
+                    policy_steps = num_updates // args.policy_delay  # policy steps before this one
+                    lr = linear_lr(policy_steps, args.policy_lr, policy_lr_end, args.lr_decay_begin, args.lr_decay_steps)
+                    logs.update(actor_step(batch, pi_noise, actor, qf1, qf2, actor_optimizer, noise_std, lr))
+                logs.update(
+                    critic_step(batch, next_actions, zeta, qf1, qf2, qf1_target, qf2_target, q_optimizer, std_ema, args)
+                )
+                if policy_update:
+                    polyak_update(qf1, qf1_target, args.tau)
+                    polyak_update(qf2, qf2_target, args.tau)
                 num_updates += 1
-                nonfinite |= ~torch.isfinite(qf1_loss + qf2_loss + actor_loss)
+                nonfinite |= nonfinite_loss(logs)
                 if num_updates % args.log_every == 0:
+                    logs.update(diagnostics(log_alpha, actor_optimizer, target_entropy, args))
+                    # TRY NOT TO MODIFY: log the update
                     stop_if_nonfinite()
+                    write_scalars(writer, logs, global_step)
                     sps = int((global_step - start_step) / (time.time() - start_time))
-                    writer.add_scalar("losses/qf1_values", qf1_a_values.mean().item(), global_step)
-                    writer.add_scalar("losses/qf2_values", qf2_a_values.mean().item(), global_step)
-                    writer.add_scalar("losses/qf1_loss", qf1_loss.item(), global_step)
-                    writer.add_scalar("losses/qf2_loss", qf2_loss.item(), global_step)
-                    writer.add_scalar("losses/qf_loss", (qf1_loss + qf2_loss).item() / 2.0, global_step)
-                    writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
-                    writer.add_scalar("losses/alpha", alpha.item(), global_step)
-                    writer.add_scalar("losses/alpha_loss", alpha_loss.item(), global_step)
-                    writer.add_scalar("dacer/qf1_std", qf1_a_std.mean().item(), global_step)
-                    writer.add_scalar("dacer/qf2_std", qf2_a_std.mean().item(), global_step)
-                    writer.add_scalar("dacer/qf1_std_ema", std_ema[0].item(), global_step)
-                    writer.add_scalar("dacer/qf2_std_ema", std_ema[1].item(), global_step)
-                    writer.add_scalar("dacer/entropy", entropy.item(), global_step)
-                    writer.add_scalar("dacer/target_entropy", target_entropy, global_step)
-                    writer.add_scalar("dacer/noise_std", args.noise_factor * alpha.item(), global_step)
-                    writer.add_scalar("dacer/policy_lr", actor_optimizer.param_groups[0]["lr"], global_step)
-                    writer.add_scalar("dacer/clipped_fraction", clipped_fraction.item(), global_step)
                     writer.add_scalar("charts/SPS", sps, global_step)
                     writer.add_scalar("charts/updates", num_updates, global_step)
-                    progress.set_postfix(SPS=sps, ret=f"{last_return:.1f}", refresh=False)
+                    progress.set(SPS=sps)
 
-        # Evaluation and checkpoints happen when global_step crosses a multiple of their period.
+        # TRY NOT TO MODIFY: evaluation and checkpoints, when global_step crosses a multiple of their period
         if args.eval_freq and crossed(prev_step, global_step, args.eval_freq) and global_step < args.total_timesteps:
-            result = evaluate(eval_env, deterministic_action, args.eval_episodes, args.seed + 10_000)
-            for key, value in result.scalars().items():
-                writer.add_scalar(key, value, global_step)
+            evaluate_and_log(args.eval_episodes)
         if args.save_model and crossed(prev_step, global_step, args.checkpoint_every):
             stop_if_nonfinite()
             save_checkpoint()
 
+    # TRY NOT TO MODIFY: final checkpoint and evaluation
     stop_if_nonfinite()
     if args.save_model:
         save_checkpoint()
         print(f"checkpoint saved to models/{run_name}/checkpoint.pt")
     if args.final_eval_episodes:
-        result = evaluate(eval_env, deterministic_action, args.final_eval_episodes, args.seed + 10_000)
-        scalars = result.scalars()
-        for key, value in scalars.items():
-            writer.add_scalar(key, value, global_step)
-        atomic_write_json(
-            dict(
-                scalars,
-                global_step=global_step,
-                num_updates=num_updates,
-                episodes=args.final_eval_episodes,
-                wall_time=time.time() - start_time,
-            ),
-            f"runs/{run_name}/final_eval.json",
-        )
+        scalars = evaluate_and_log(args.final_eval_episodes)
+        final = dict(scalars, global_step=global_step, num_updates=num_updates, episodes=args.final_eval_episodes,
+                     wall_time=time.time() - start_time)  # fmt: skip
+        atomic_write_json(final, f"runs/{run_name}/final_eval.json")
         print(
             f"final eval over {args.final_eval_episodes} episodes: return {scalars['eval/episodic_return']:.2f} "
             f"± {scalars['eval/episodic_return_std']:.2f}"
         )
-
-    progress.close()
+    progress.bar.close()
     envs.close()
     eval_env.close()
     writer.close()

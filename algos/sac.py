@@ -77,8 +77,8 @@ class Args:
     """the batch size of sample from the replay memory"""
     learning_starts: int | None = None
     """env transitions of uniform random actions before updates start (default: the preset's)"""
-    updates_per_step: int = 1
-    """gradient updates per vector-env step U (UTD = U / num_envs per transition)"""
+    updates_per_step: int | None = None
+    """gradient updates per vector-env step U, so UTD = U / num_envs per transition (default: the preset's, else 1)"""
     eval_freq: int | None = None
     """env transitions between evaluations (default min(1M, total/20)); 0 disables periodic evaluation"""
     eval_episodes: int = 5
@@ -323,9 +323,11 @@ STATUS_EVERY_S = float(os.environ.get("QFLEX_BENCH_STATUS_EVERY_S", "60"))
 
 def resolve_preset(args: Args) -> Args:
     """Fill every flag left at None from the chosen preset (explicit flags win)."""
-    for name, value in PRESETS[args.preset].items():
+    for name, value in PRESETS[args.preset].items():  # a callable value is computed from the flags resolved before it
         if getattr(args, name) is None:
-            setattr(args, name, value)
+            setattr(args, name, value(args) if callable(value) else value)
+    if args.updates_per_step is None:
+        args.updates_per_step = 1
     if args.eval_freq is None:
         args.eval_freq = min(1_000_000, args.total_timesteps // 20)
     return args

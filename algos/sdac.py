@@ -1,35 +1,13 @@
-# docs and experiment results can be found at README.md#sdacpy
-"""SDAC: diffusion policies trained by reweighted score matching (Ma et al., ICML 2025, arXiv 2502.00361), one file.
+# docs and experiment results can be found at docs/algorithms/sdac.md
+"""Soft Diffusion Actor-Critic, SDAC (Ma et al., ICML 2025, arXiv 2502.00361), as its camera-ready code, in one file.
 
-Camera-ready semantics (../shared/specs/baselines.md §4 and §6 item 4). A noise-prediction network eps_theta(s, x, t)
-(T = 20, linear beta schedule 0.8 * linspace(1e-4, 0.999, T), x_T ~ 0.5 N(0, I)) is regressed, for a noised action
-a_t = sqrt(abar_t) a0 + sqrt(1 - abar_t) eps1, onto 64 reverse-sample noises eps2^m weighted by
-softmax_m((5/alpha) min_i Q_i(s, a0-hat^m)): a self-normalised estimate of the noise-prediction score of the
-Q-tilted policy; no back-propagation through the chain. Actions come from best-of-32 chains ranked by the online
-critics, plus 0.1 * alpha * xi noise (not clipped). Critics are plain twin MSE critics with Polyak targets.
-
-Two presets, chosen with --preset; every explicitly passed flag overrides them:
-  * paper           the camera-ready `scripts/train_mujoco.py`: alpha lr 7e-3, 5 envs, 30k warm-up, 1M transitions.
-  * qflex-protocol  (default) the SDAC of the Qflex comparison (baselines.md §6 item 1, reconstructed): alpha lr 3e-4,
-                    80 envs, 1 update per vector step, 30k warm-up, 20M transitions (the myoLegWalk-v0 budget).
-Shared by both: 3x256 mish networks, truncated-normal 1/sqrt(fan_in) init, critic lr 3e-4, policy lr 3e-4 decayed
-linearly to 3e-5 over policy-optimiser steps 25k-75k, reward scale 0.2, tau 0.005, policy / EMA-policy / target
-updates every 2nd update, alpha0 = 5, alpha step every 250 updates on the analytic entropy of the 0.1 alpha noise,
-H-bar = -0.9 d.
-
-Choices where the spec leaves a point open:
-  * Within one update everything reads the pre-update state, as the JAX reference does: the target action a' and
-    the policy's a0 come from one batched best-of-N call (2 B N chains) with the critics before their step, and the
-    reverse-sample weights use those critics and the alpha before its step.
-  * The weighted loss mean_(b,m,coord) w_b^m (eps_theta(s_b, a_t,b, t_b) - eps2_b^m)^2 evaluates eps_theta once per
-    state and broadcasts over m: eps_theta's input does not depend on m, so value and gradient equal the reference's
-    64x-repeated evaluation at 1/64 of the cost.
-  * The reverse chain evaluates eps_theta's first layer split by input: the state and time parts are computed once per
-    chain, only the action part at every step (same maths; 38% fewer multiply-adds per step at myoLegWalk sizes).
-  * The effective sample size 1 / sum_m w_m^2 is averaged over the states of every policy step since the last log,
-    overall (`sdac/ess`) and per diffusion step t (`sdac/ess_by_t/tNN`).
-  * The deterministic (evaluation) action seeds its chain noise with a CRC32 of the observation bytes (the reference
-    hashes mean(s) * std(s)); best-of-N with the EMA policy and the online critics, no added noise, then clip.
+A diffusion policy eps_theta(s, x, t) learns by reweighted score matching: a best-of-N action, noised to a random step
+t, is regressed onto reverse-sample noises weighted by softmax((5 / alpha) min_i Q_i) (`actor_step`); twin MSE critics
+bootstrap from best-of-N actions with no entropy term (`critic_step`); alpha follows the analytic entropy of the added
+exploration noise (`alpha_step`); an EMA copy of the policy acts. Two presets (`--preset`; any flag you pass wins):
+  * paper           the camera-ready scripts/train_mujoco.py (alpha lr 7e-3, 5 envs, 1M transitions);
+  * qflex-protocol  (default) the SDAC the Qflex authors compared against, on myoLegWalk-v0's budget.
+Equations, defaults and their sources: docs/algorithms/sdac.md.
 """
 
 import json
@@ -40,7 +18,7 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -51,11 +29,12 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from envs import EnvIdError, check_env_id, evaluate, make_env, make_vector_env, split_vector_step
+from envs import EnvIdError, check_env_id, evaluate, make_envs, split_vector_step
 
 
 @dataclass
 class Args:
+    # TRY NOT TO MODIFY: common arguments
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
@@ -81,39 +60,37 @@ class Args:
     resume: str | None = None
     """path of a checkpoint to continue from, at its step, with its arguments (only budget/output flags may change)"""
     log_every: int = 100
-    """gradient updates between scalar logs (losses, SPS)"""
-
-    # Environment and protocol
+    """gradient updates between scalar logs (losses, SPS, diagnostics)"""
     env_id: str = "myoLegWalk-v0"
     """the id of the environment (any registered id, or `module:EnvName-v0`)"""
     preset: Literal["paper", "qflex-protocol"] = "qflex-protocol"
-    """hyperparameter preset: `paper` (the camera-ready SDAC code) or `qflex-protocol` (the Qflex authors' comparison)"""
+    """hyperparameter preset: `paper` (as its authors released it) or `qflex-protocol` (as the Qflex authors ran it)"""
     total_timesteps: int | None = None
-    """total env transitions, summed over all envs (preset: paper 1M, qflex-protocol 20M)"""
+    """total env transitions, summed over all envs (default: the preset's)"""
     num_envs: int | None = None
-    """number of parallel envs E (preset: paper 5, qflex-protocol 80)"""
+    """number of parallel envs E (default: the preset's)"""
     async_envs: bool = False
     """use gymnasium's AsyncVectorEnv (subprocesses) instead of SyncVectorEnv"""
     buffer_size: int = 1_000_000
     """the replay memory buffer size (transitions)"""
     gamma: float = 0.99
     """the discount factor gamma"""
-    tau: float = 0.005
-    """target smoothing coefficient (critic targets and the EMA policy)"""
     batch_size: int = 256
     """the batch size of sample from the replay memory"""
     learning_starts: int | None = None
-    """env transitions of uniform random actions before updates start (preset: 30k)"""
-    updates_per_step: int = 1
-    """gradient updates per vector-env step U (UTD = U / num_envs per transition)"""
+    """env transitions of uniform random actions before updates start (default: the preset's)"""
+    updates_per_step: int | None = None
+    """gradient updates per vector-env step U, so UTD = U / num_envs per transition (default: the preset's, else 1)"""
     eval_freq: int | None = None
     """env transitions between evaluations (default min(1M, total/20)); 0 disables periodic evaluation"""
     eval_episodes: int = 5
-    """episodes per periodic evaluation round (deterministic policy, separate env)"""
+    """episodes per periodic evaluation round (the algorithm's deterministic action, separate env)"""
     final_eval_episodes: int = 20
     """episodes of the final evaluation (the per-run score)"""
 
-    # Algorithm specific arguments
+    # ALGO LOGIC: algorithm specific arguments
+    tau: float = 0.005
+    """target smoothing coefficient (critic targets and the EMA policy)"""
     policy_lr: float = 3e-4
     """the initial learning rate of the diffusion policy optimizer"""
     policy_lr_end: float = 3e-5
@@ -131,7 +108,7 @@ class Args:
     alpha: float = 5.0
     """initial temperature alpha: exploration noise std --noise-scale * alpha, weight temperature alpha / --energy-scale"""
     autotune: bool = True
-    """automatic tuning of alpha towards the target entropy -0.9 |A| (on the analytic entropy of the added noise)"""
+    """automatic tuning of alpha towards the target entropy (on the analytic entropy of the added noise)"""
     target_entropy_scale: float = 0.9
     """target entropy H-bar = -target_entropy_scale * |A|"""
     energy_scale: float = 5.0
@@ -141,15 +118,15 @@ class Args:
     num_reverse_samples: int = 64
     """reverse samples per state for the weighted score-matching loss"""
     noise_scale: float = 0.1
-    """the noise added to the best-of-N action has std noise_scale * alpha"""
+    """the exploration noise added to the best-of-N action has std noise_scale * alpha"""
     num_timesteps: int = 20
     """number of diffusion steps T"""
     beta_scale: float = 0.8
     """scale of the linear schedule beta_t = beta_scale * linspace(1e-4, 0.999, T)"""
     init_noise_scale: float = 0.5
     """the reverse chain starts from x_T ~ init_noise_scale * N(0, I)"""
-    policy_frequency: int = 2
-    """policy, EMA-policy and target-critic updates happen on every policy_frequency-th update (critics every update)"""
+    policy_delay: int = 2
+    """one policy, EMA-policy and target-critic step after every policy_delay-th critic update"""
     hidden_dim: int = 256
     """width of every hidden layer (critics and noise-prediction network)"""
     num_layers: int = 3
@@ -161,181 +138,23 @@ class Args:
 
 
 PRESETS = {
-    "paper": dict(
-        total_timesteps=1_000_000,
-        num_envs=5,
-        learning_starts=30_000,
-        alpha_lr=7e-3,
-    ),
-    "qflex-protocol": dict(
-        total_timesteps=20_000_000,
-        num_envs=80,
-        learning_starts=30_000,
-        alpha_lr=3e-4,
-    ),
-}
-# Flags a resumed run may change; everything else comes from the checkpoint so the run continues unchanged.
-RESUME_OVERRIDES = (
-    "total_timesteps",
-    "resume",
-    "save_model",
-    "checkpoint_every",
-    "save_buffer",
-    "cuda",
-    "track",
-    "wandb_project_name",
-    "wandb_entity",
-    "capture_video",
-    "log_every",
-    "eval_freq",
+    "paper": dict(total_timesteps=1_000_000, num_envs=5, learning_starts=30_000, alpha_lr=7e-3),
+    "qflex-protocol": dict(total_timesteps=20_000_000, num_envs=80, learning_starts=30_000, alpha_lr=3e-4),
+}  # fmt: skip
+# Argument checks besides the common ones: (flags, rule) pairs with a rule of ARG_RULES, then (holds, message) pairs
+# over several flags, the message formatted with the arguments.
+ALGO_ARG_CHECKS = (
+    (("policy_lr", "policy_lr_end", "lr_decay_steps", "q_lr", "alpha_lr", "alpha_every", "alpha", "energy_scale"), "positive"),
+    (("num_particles", "num_reverse_samples", "num_timesteps", "beta_scale", "policy_delay", "hidden_dim"), "positive"),
+    (("num_layers", "reward_scale"), "positive"),
+    (("lr_decay_begin", "noise_scale", "init_noise_scale"), ">= 0"),
+    (("tau",), "in (0, 1]"),
+    (("time_dim",), "a positive even number"),
 )
+ALGO_ARG_CONSTRAINTS = ((lambda a: a.beta_scale * 0.999 < 1, "--beta-scale {beta_scale} makes the last beta >= 1"),)
 
 
-def resolve_preset(args: Args) -> Args:
-    """Fill every flag left at None from the chosen preset (explicit flags win)."""
-    for name, value in PRESETS[args.preset].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.eval_freq is None:
-        args.eval_freq = min(1_000_000, args.total_timesteps // 20)
-    return args
-
-
-def validate_args(args: Args) -> None:
-    """Raise ValueError with a one-line message for arguments that cannot work."""
-    positive = [
-        "total_timesteps",
-        "num_envs",
-        "buffer_size",
-        "batch_size",
-        "updates_per_step",
-        "eval_episodes",
-        "policy_frequency",
-        "hidden_dim",
-        "num_layers",
-        "checkpoint_every",
-        "log_every",
-        "policy_lr",
-        "q_lr",
-        "alpha_lr",
-        "alpha",
-        "reward_scale",
-        "policy_lr_end",
-        "lr_decay_steps",
-        "alpha_every",
-        "energy_scale",
-        "num_particles",
-        "num_reverse_samples",
-        "num_timesteps",
-        "beta_scale",
-    ]
-    for name in positive:
-        if not getattr(args, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_starts", "eval_freq", "final_eval_episodes", "lr_decay_begin", "noise_scale", "init_noise_scale"]:
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.batch_size > args.buffer_size:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
-    if args.num_envs > args.buffer_size:
-        raise ValueError(f"--num-envs {args.num_envs} is larger than --buffer-size {args.buffer_size}")
-    if not (0 < args.gamma <= 1 and 0 < args.tau <= 1):
-        raise ValueError("--gamma and --tau must lie in (0, 1]")
-    if args.time_dim % 2 or args.time_dim < 2:
-        raise ValueError(f"--time-dim must be a positive even number, got {args.time_dim}")
-    if not args.beta_scale * 0.999 < 1:
-        raise ValueError(f"--beta-scale {args.beta_scale} makes the last beta >= 1")
-
-
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by this script, or raise ValueError with a one-line message."""
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        first_line = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("algo") != "sdac":
-        raise ValueError(f"{path} is not a sdac.py checkpoint")
-    return checkpoint
-
-
-def crossed(prev_step: int, step: int, period: int) -> bool:
-    """Whether a vector step from prev_step to step passed a multiple of period (steps advance by num_envs)."""
-    return step // period > prev_step // period
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """Write to a temp file and rename, so a crash never leaves a half-written checkpoint."""
-    tmp_path = path + ".tmp"
-    torch.save(obj, tmp_path)
-    os.replace(tmp_path, path)
-
-
-def atomic_write_json(obj, path: str) -> None:
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp_path, path)
-
-
-class ReplayBuffer:
-    """FIFO buffer preallocated on the device; uniform sampling with its own generator.
-
-    Stores (s, a, r, s', terminated, truncated): a as emitted by the policy, r raw (scaled inside the update),
-    s' the true final observation at episode ends, `terminated` the bootstrap mask, `truncated` for logging only.
-    """
-
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device, generator: torch.Generator):
-        self.capacity, self.device, self.generator = capacity, device, generator
-        self.obs = torch.empty((capacity, obs_dim), dtype=torch.float32, device=device)
-        self.next_obs = torch.empty((capacity, obs_dim), dtype=torch.float32, device=device)
-        self.actions = torch.empty((capacity, act_dim), dtype=torch.float32, device=device)
-        self.rewards = torch.empty(capacity, dtype=torch.float32, device=device)
-        self.terminations = torch.empty(capacity, dtype=torch.float32, device=device)
-        self.truncations = torch.empty(capacity, dtype=torch.float32, device=device)
-        self.pos, self.size = 0, 0
-
-    def add(self, obs, actions, rewards, next_obs, terminations, truncations):
-        n = len(obs)
-        idx = torch.arange(self.pos, self.pos + n, device=self.device) % self.capacity
-        for storage, rows in (
-            (self.obs, obs),
-            (self.actions, actions),
-            (self.rewards, rewards),
-            (self.next_obs, next_obs),
-            (self.terminations, terminations),
-            (self.truncations, truncations),
-        ):
-            storage[idx] = torch.as_tensor(rows, dtype=torch.float32).to(self.device, non_blocking=True)
-        self.pos = (self.pos + n) % self.capacity
-        self.size = min(self.size + n, self.capacity)
-
-    def sample(self, batch_size: int):
-        idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=self.generator)
-        return self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.terminations[idx]
-
-    def state_dict(self) -> dict:
-        n = self.size
-        return dict(
-            pos=self.pos,
-            size=n,
-            obs=self.obs[:n].cpu(),
-            next_obs=self.next_obs[:n].cpu(),
-            actions=self.actions[:n].cpu(),
-            rewards=self.rewards[:n].cpu(),
-            terminations=self.terminations[:n].cpu(),
-            truncations=self.truncations[:n].cpu(),
-        )
-
-    def load_state_dict(self, state: dict) -> None:
-        n = state["size"]
-        for name in ("obs", "next_obs", "actions", "rewards", "terminations", "truncations"):
-            getattr(self, name)[:n] = state[name].to(self.device)
-        self.pos, self.size = state["pos"], n
-
-
+# ALGO LOGIC: networks
 def trunc_normal_init_(layer: nn.Linear) -> nn.Linear:
     """Haiku's default Linear init, used by the JAX reference code: N(0, 1/fan_in) truncated at 2 std, zero bias."""
     std = 1.0 / math.sqrt(layer.in_features)
@@ -344,27 +163,77 @@ def trunc_normal_init_(layer: nn.Linear) -> nn.Linear:
     return layer
 
 
-def mlp(in_dim: int, hidden_dim: int, num_layers: int, activation: type[nn.Module], jax_init: bool) -> nn.Sequential:
+def mlp(in_dim: int, hidden_dim: int, num_layers: int) -> nn.Sequential:
     layers, width = [], in_dim
     for _ in range(num_layers):
-        linear = nn.Linear(width, hidden_dim)
-        layers += [trunc_normal_init_(linear) if jax_init else linear, activation()]
+        layers += [trunc_normal_init_(nn.Linear(width, hidden_dim)), nn.Mish()]
         width = hidden_dim
     return nn.Sequential(*layers)
 
 
-class SoftQNetwork(nn.Module):
-    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, activation, jax_init: bool):
+class QNetwork(nn.Module):
+    """Critic Q_i(s, a) -> [B]: concat(s, a), num_layers x (hidden_dim, mish), Linear(1); its target has no entropy term."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int):
         super().__init__()
-        self.trunk = mlp(obs_dim + act_dim, hidden_dim, num_layers, activation, jax_init)
-        self.head = nn.Linear(hidden_dim, 1)
-        if jax_init:
-            trunc_normal_init_(self.head)
+        self.trunk = mlp(obs_dim + act_dim, hidden_dim, num_layers)
+        self.head = trunc_normal_init_(nn.Linear(hidden_dim, 1))
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(torch.cat([obs, actions], dim=1))).squeeze(-1)
 
 
+class Actor(nn.Module):
+    """Diffusion policy: noise-prediction network eps_theta(s, x, t) and its T-step reverse chain.
+
+    eps_theta = Linear(d) o [Linear(hidden), mish] x L applied to concat(s, x, emb(t)), with
+    emb = Linear(time_dim) o mish o Linear(2 time_dim) of the sinusoidal embedding.
+    """
+
+    def __init__(
+        self, obs_dim: int, act_dim: int, hidden_dim: int, num_layers: int, betas: np.ndarray, x_T_scale: float, time_dim: int
+    ):
+        super().__init__()
+        self.obs_dim, self.act_dim, self.time_dim, self.x_T_scale = obs_dim, act_dim, time_dim, x_T_scale
+        self.coef = diffusion_coefficients(betas)
+        self.num_timesteps = len(betas)
+        self.time_mlp = nn.Sequential(nn.Linear(time_dim, 2 * time_dim), nn.Mish(), nn.Linear(2 * time_dim, time_dim))
+        self.trunk = mlp(obs_dim + act_dim + time_dim, hidden_dim, num_layers)
+        self.head = nn.Linear(hidden_dim, act_dim)
+        for layer in (self.time_mlp[0], self.time_mlp[2], self.head):  # after the trunk: the init order is kept
+            trunc_normal_init_(layer)
+        # per-row tables for the noised actions of the policy loss (t differs between states)
+        for name in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"):
+            self.register_buffer(name, torch.tensor(self.coef[name], dtype=torch.float32), persistent=False)
+
+    def forward(self, obs: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.time_dim))
+        return self.head(self.trunk(torch.cat([obs, x, emb], dim=1)))
+
+    def chain(self, obs: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Run the reverse chain from x = x_T with step noises z[t].
+
+        Same maths as calling forward() at every step, cheaper: the first layer is split by input, and its state
+        part W_s s + b and time part W_e emb(t) are computed once per chain instead of once per step."""
+        first = self.trunk[0]
+        w_obs, w_act, w_emb = first.weight.split([self.obs_dim, self.act_dim, self.time_dim], dim=1)
+        obs_part = F.linear(obs, w_obs, first.bias)
+        steps = torch.arange(self.num_timesteps, device=obs.device)
+        emb_part = F.linear(self.time_mlp(timestep_embedding(steps, self.time_dim)), w_emb)
+        for t in reversed(range(self.num_timesteps)):
+            hidden = self.trunk[1:](obs_part + emb_part[t] + F.linear(x, w_act))
+            x = reverse_step(x, self.head(hidden), self.coef, t, z[t])
+        return x
+
+    def sample(self, obs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One chain per row from x_T ~ x_T_scale N(0, I), clipped to [-1, 1] (already inside: x0-hat is clipped)."""
+        shape = (len(obs), self.act_dim)
+        x_T = self.x_T_scale * torch.randn(shape, device=obs.device, generator=generator)
+        z = torch.randn((self.num_timesteps, *shape), device=obs.device, generator=generator)
+        return self.chain(obs, x_T, z).clamp(-1.0, 1.0)
+
+
+# ALGO LOGIC: maths
 def linear_beta_schedule(num_timesteps: int, scale: float, start: float = 1e-4, end: float = 0.999) -> np.ndarray:
     """beta_t = scale * linspace(start, end, T)."""
     return scale * np.linspace(start, end, num_timesteps, dtype=np.float64)
@@ -413,66 +282,6 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1) / math.sqrt(dim)
 
 
-class Actor(nn.Module):
-    """Diffusion policy: noise-prediction network eps_theta(s, x, t) and its T-step reverse chain.
-
-    eps_theta = Linear(d) o [Linear(hidden), mish] x L applied to concat(s, x, emb(t)), with
-    emb = Linear(time_dim) o mish o Linear(2 time_dim) of the sinusoidal embedding.
-    """
-
-    def __init__(
-        self,
-        obs_dim: int,
-        act_dim: int,
-        hidden_dim: int,
-        num_layers: int,
-        activation,
-        jax_init: bool,
-        betas: np.ndarray,
-        x_T_scale: float,
-        time_dim: int,
-    ):
-        super().__init__()
-        self.obs_dim, self.act_dim, self.time_dim, self.x_T_scale = obs_dim, act_dim, time_dim, x_T_scale
-        self.coef = diffusion_coefficients(betas)
-        self.num_timesteps = len(betas)
-        self.time_mlp = nn.Sequential(nn.Linear(time_dim, 2 * time_dim), activation(), nn.Linear(2 * time_dim, time_dim))
-        self.trunk = mlp(obs_dim + act_dim + time_dim, hidden_dim, num_layers, activation, jax_init)
-        self.head = nn.Linear(hidden_dim, act_dim)
-        if jax_init:
-            for layer in (self.time_mlp[0], self.time_mlp[2], self.head):
-                trunc_normal_init_(layer)
-        # per-row tables for the noised actions of the policy loss (t differs between states)
-        for name in ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"):
-            self.register_buffer(name, torch.tensor(self.coef[name], dtype=torch.float32), persistent=False)
-
-    def forward(self, obs: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        emb = self.time_mlp(timestep_embedding(t, self.time_dim))
-        return self.head(self.trunk(torch.cat([obs, x, emb], dim=1)))
-
-    def chain(self, obs: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Run the reverse chain from x = x_T with step noises z[t].
-
-        Same maths as calling forward() at every step, cheaper: the first layer is split by input, and its state
-        part W_s s + b and time part W_e emb(t) are computed once per chain instead of once per step."""
-        first = self.trunk[0]
-        w_obs, w_act, w_emb = first.weight.split([self.obs_dim, self.act_dim, self.time_dim], dim=1)
-        obs_part = F.linear(obs, w_obs, first.bias)
-        steps = torch.arange(self.num_timesteps, device=obs.device)
-        emb_part = F.linear(self.time_mlp(timestep_embedding(steps, self.time_dim)), w_emb)
-        for t in reversed(range(self.num_timesteps)):
-            hidden = self.trunk[1:](obs_part + emb_part[t] + F.linear(x, w_act))
-            x = reverse_step(x, self.head(hidden), self.coef, t, z[t])
-        return x
-
-    def sample(self, obs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One chain per row from x_T ~ x_T_scale N(0, I), clipped to [-1, 1] (already inside: x0-hat is clipped)."""
-        shape = (len(obs), self.act_dim)
-        x_T = self.x_T_scale * torch.randn(shape, device=obs.device, generator=generator)
-        z = torch.randn((self.num_timesteps, *shape), device=obs.device, generator=generator)
-        return self.chain(obs, x_T, z).clamp(-1.0, 1.0)
-
-
 @torch.no_grad()
 def best_of_n(actor: Actor, qf1: nn.Module, qf2: nn.Module, obs: torch.Tensor, n: int, generator: torch.Generator):
     """Run n chains per state in one batched call and keep, per state, the one with the largest min_i Q_i(s, a)."""
@@ -483,7 +292,7 @@ def best_of_n(actor: Actor, qf1: nn.Module, qf2: nn.Module, obs: torch.Tensor, n
     return candidates.view(len(obs), n, -1)[torch.arange(len(obs), device=obs.device), best]
 
 
-def q_target(rewards, terminations, next_q1, next_q2, gamma: float):
+def bootstrap_target(rewards, terminations, next_q1, next_q2, gamma: float) -> torch.Tensor:
     """y = r + gamma * (1 - terminated) * min_i Q-bar_i(s', a'); no entropy term; terminated only, never truncated."""
     return rewards + gamma * (1.0 - terminations) * torch.minimum(next_q1, next_q2)
 
@@ -510,6 +319,11 @@ def entropy_approx(alpha: torch.Tensor, act_dim: int, noise_scale: float = 0.1) 
     return 0.5 * act_dim * torch.log(2 * math.pi * math.e * (noise_scale * alpha) ** 2)
 
 
+def temperature_loss(log_alpha: torch.Tensor, entropy: torch.Tensor, target_entropy: float) -> torch.Tensor:
+    """-log alpha * (H-bar - sg(H)): its gradient in log alpha is H - H-bar, so alpha falls while H > H-bar."""
+    return -log_alpha * (target_entropy - entropy.detach())
+
+
 def linear_lr(step: int, lr: float, lr_end: float, begin: int, steps: int) -> float:
     """optax.linear_schedule: lr until `begin`, then linear to lr_end over `steps`, then lr_end."""
     frac = min(max(step - begin, 0) / steps, 1.0)
@@ -521,156 +335,359 @@ def observation_seed(obs: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(obs, dtype=np.float32).tobytes())
 
 
+# ALGO LOGIC: update steps
+class Batch(NamedTuple):
+    obs: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    next_obs: torch.Tensor
+    terminations: torch.Tensor
+
+
+def critic_step(batch: Batch, next_actions, qf1, qf2, qf1_target, qf2_target, q_optimizer, args) -> dict:
+    """One step on sum_i mean (Q_i(s, a) - y)^2, y the entropy-free target of the Polyak critics at the best-of-N a'."""
+    with torch.no_grad():
+        next_q_value = bootstrap_target(
+            args.reward_scale * batch.rewards,
+            batch.terminations,
+            qf1_target(batch.next_obs, next_actions),
+            qf2_target(batch.next_obs, next_actions),
+            args.gamma,
+        )
+    qf1_a_values = qf1(batch.obs, batch.actions)
+    qf2_a_values = qf2(batch.obs, batch.actions)
+    qf1_loss = F.mse_loss(qf1_a_values, next_q_value)
+    qf2_loss = F.mse_loss(qf2_a_values, next_q_value)
+    q_optimizer.zero_grad()
+    (qf1_loss + qf2_loss).backward()
+    q_optimizer.step()
+    return {
+        "losses/qf1_values": qf1_a_values.detach().mean(),
+        "losses/qf2_values": qf2_a_values.detach().mean(),
+        "losses/qf1_loss": qf1_loss.detach(),
+        "losses/qf2_loss": qf2_loss.detach(),
+        "losses/qf_loss": (qf1_loss + qf2_loss).detach() / 2.0,
+    }
+
+
+def actor_step(batch: Batch, a0, t, eps1, eps2, actor, qf1, qf2, actor_optimizer, alpha, lr: float, args):
+    """One step of reweighted score matching at lr; returns the logs and the weights' effective sample size per state.
+
+    a0 (a best-of-N action) is noised to a_t = sqrt(abar_t) a0 + sqrt(1 - abar_t) eps1; each reverse sample
+    a-hat^m = clip((a_t - sqrt(1 - abar_t) eps2^m) / sqrt(abar_t), -1, 1) gets the weight softmax_m(energy_scale / alpha
+    * min_i Q_i(s, a-hat^m)) from the critics as passed in, and eps_theta(s, a_t, t) regresses onto the weighted eps2^m.
+    """
+    with torch.no_grad():
+        sqrt_ab = actor.sqrt_alphas_cumprod[t][:, None]
+        sqrt_1m_ab = actor.sqrt_one_minus_alphas_cumprod[t][:, None]
+        a_t = sqrt_ab * a0 + sqrt_1m_ab * eps1
+        recon = ((a_t[:, None] - sqrt_1m_ab[:, None] * eps2) / sqrt_ab[:, None]).clamp(-1.0, 1.0)
+        wide_obs = batch.obs.repeat_interleave(args.num_reverse_samples, dim=0)
+        recon_rows = recon.view(-1, a0.shape[1])
+        q_recon = torch.minimum(qf1(wide_obs, recon_rows), qf2(wide_obs, recon_rows))
+        weights = reverse_sample_weights(q_recon.view(len(a0), -1), alpha, args.energy_scale)
+    for group in actor_optimizer.param_groups:
+        group["lr"] = lr
+    eps_pred = actor(batch.obs, a_t, t)
+    actor_loss = weighted_score_matching_loss(eps_pred, eps2, weights)
+    actor_optimizer.zero_grad()
+    actor_loss.backward()  # the weights carry no gradient: only eps_theta's parameters get one
+    actor_optimizer.step()
+    return {"losses/actor_loss": actor_loss.detach()}, effective_sample_size(weights)
+
+
+def alpha_step(log_alpha, a_optimizer, target_entropy: float, act_dim: int, noise_scale: float) -> dict:
+    """One step of the temperature loss on log alpha, H the analytic entropy of the added noise (`entropy_approx`)."""
+    entropy = entropy_approx(log_alpha.detach().exp(), act_dim, noise_scale)
+    alpha_loss = temperature_loss(log_alpha, entropy, target_entropy)
+    a_optimizer.zero_grad()
+    alpha_loss.backward()
+    a_optimizer.step()
+    return {"losses/alpha_loss": alpha_loss.detach()}
+
+
+@torch.no_grad()
+def polyak_update(online: nn.Module, target: nn.Module, tau: float) -> None:
+    """phi-bar <- (1 - tau) phi-bar + tau phi (also theta-bar <- (1 - tau) theta-bar + tau theta, the EMA policy)."""
+    for param, target_param in zip(online.parameters(), target.parameters(), strict=True):
+        target_param.lerp_(param, tau)
+
+
+# ALGO LOGIC: diagnostics
+def sdac_diagnostics(log_alpha, actor_optimizer, ess_sum, ess_count, act_dim: int, args) -> dict:
+    """Log-step scalars: alpha and what it sets (noise std, weight temperature, H_approx), the policy lr, and the mean
+    effective sample size of the weights over the states of every policy step since the last log, overall and per t
+    (its accumulators are then reset)."""
+    alpha = log_alpha.detach().exp()
+    logs = {
+        "losses/alpha": alpha,
+        "sdac/noise_std": args.noise_scale * alpha.double(),
+        "sdac/weight_temperature": alpha.double() / args.energy_scale,
+        "sdac/entropy_approx": entropy_approx(alpha, act_dim, args.noise_scale),
+        "sdac/policy_lr": torch.tensor(actor_optimizer.param_groups[0]["lr"], dtype=torch.float64, device=alpha.device),
+    }
+    counts = ess_count.cpu()
+    if counts.sum() > 0:
+        sums = ess_sum.cpu()
+        logs["sdac/ess"] = (sums.sum() / counts.sum()).to(alpha.device)
+        for t in counts.nonzero().flatten().tolist():
+            logs[f"sdac/ess_by_t/t{t:02d}"] = (sums[t] / counts[t]).to(alpha.device)
+        ess_sum.zero_()
+        ess_count.zero_()
+    return logs
+
+
+# TRY NOT TO MODIFY: run plumbing
+COMMON_ARG_CHECKS = (
+    (("total_timesteps", "num_envs", "buffer_size", "batch_size", "updates_per_step", "eval_episodes"), "positive"),
+    (("checkpoint_every", "log_every"), "positive"),
+    (("learning_starts", "eval_freq", "final_eval_episodes"), ">= 0"),
+    (("gamma",), "in (0, 1]"),
+)
+COMMON_ARG_CONSTRAINTS = (
+    (lambda a: a.batch_size <= a.buffer_size, "--batch-size {batch_size} is larger than --buffer-size {buffer_size}"),
+    (lambda a: a.num_envs <= a.buffer_size, "--num-envs {num_envs} is larger than --buffer-size {buffer_size}"),
+)
+ARG_RULES = {
+    "positive": lambda v: v > 0,
+    ">= 0": lambda v: v >= 0,
+    ">= 1": lambda v: v >= 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "a positive even number": lambda v: v > 0 and v % 2 == 0,
+}
+# Flags a resumed run may change; everything else comes from the checkpoint so the run continues unchanged.
+RESUME_OVERRIDES = ("total_timesteps", "resume", "save_model", "checkpoint_every", "save_buffer", "cuda", "track",
+                    "wandb_project_name", "wandb_entity", "capture_video", "log_every", "eval_freq")  # fmt: skip
+# Seconds between status lines when stdout is not a terminal (nohup, Slurm, CI); the environment may override it.
+STATUS_EVERY_S = float(os.environ.get("QFLEX_BENCH_STATUS_EVERY_S", "60"))
+
+
+def resolve_preset(args: Args) -> Args:
+    """Fill every flag left at None from the chosen preset (explicit flags win)."""
+    for name, value in PRESETS[args.preset].items():  # a callable value is computed from the flags resolved before it
+        if getattr(args, name) is None:
+            setattr(args, name, value(args) if callable(value) else value)
+    if args.updates_per_step is None:
+        args.updates_per_step = 1
+    if args.eval_freq is None:
+        args.eval_freq = min(1_000_000, args.total_timesteps // 20)
+    return args
+
+
+def validate_args(args: Args) -> None:
+    """Raise ValueError with a one-line message for arguments that cannot work."""
+    for names, rule in COMMON_ARG_CHECKS + ALGO_ARG_CHECKS:
+        for name in names:
+            if not ARG_RULES[rule](getattr(args, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+    for holds, message in COMMON_ARG_CONSTRAINTS + ALGO_ARG_CONSTRAINTS:
+        if not holds(args):
+            raise ValueError(message.format(**vars(args)))
+
+
+def load_checkpoint(path: str, algo: str) -> dict:
+    """Load a checkpoint written by `algo`.py, or raise ValueError with a one-line message."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("algo") != algo:
+        raise ValueError(f"{path} is not a {algo}.py checkpoint")
+    return checkpoint
+
+
+class GlobalRNG:
+    """Python's, NumPy's and torch's global generators as one stateful object."""
+
+    def state_dict(self) -> dict:
+        return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+
+    def load_state_dict(self, state: dict) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+
+
+def state_of(obj):
+    """What a checkpoint stores for one stateful object (module, optimizer, buffer, tensor or generator)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, torch.Generator):
+        return obj.get_state()
+    if isinstance(obj, np.random.Generator):
+        return obj.bit_generator.state
+    return obj.state_dict()
+
+
+def restore(obj, state) -> None:
+    """Inverse of `state_of`, in place."""
+    if isinstance(obj, torch.Tensor):
+        with torch.no_grad():
+            obj.copy_(state)
+    elif isinstance(obj, torch.Generator):
+        obj.set_state(state)
+    elif isinstance(obj, np.random.Generator):
+        obj.bit_generator.state = state
+    else:
+        obj.load_state_dict(state)
+
+
+def crossed(prev_step: int, step: int, period: int) -> bool:
+    """Whether a vector step from prev_step to step passed a multiple of period (steps advance by num_envs)."""
+    return step // period > prev_step // period
+
+
+def atomic_write(path: str, write) -> None:
+    """`write(tmp_path)`, then rename: a crash never leaves a half-written checkpoint or result file."""
+    tmp_path = path + ".tmp"
+    write(tmp_path)
+    os.replace(tmp_path, path)
+
+
+def atomic_write_json(obj, path: str) -> None:
+    def write(tmp_path: str) -> None:
+        with open(tmp_path, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+
+    atomic_write(path, write)
+
+
+def write_scalars(writer: SummaryWriter, scalars: dict, global_step: int) -> None:
+    """Log a dict of device scalars with one host sync."""
+    if scalars:
+        for key, value in zip(scalars, torch.stack(list(scalars.values())).tolist(), strict=True):
+            writer.add_scalar(key, value, global_step)
+
+
+def nonfinite_loss(scalars: dict) -> torch.Tensor:
+    """Device bool: whether any `*_loss` entry is NaN or infinite (read only at log and checkpoint steps)."""
+    losses = [value for key, value in scalars.items() if key.endswith("_loss")]
+    return ~torch.isfinite(torch.stack(losses)).all() if losses else torch.zeros((), dtype=torch.bool)
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere (nohup, Slurm, CI) one status line every STATUS_EVERY_S seconds."""
+
+    def __init__(self, total: int, initial: int):
+        self.total, self.tty, self.status = total, sys.stdout.isatty(), {}
+        self.bar = tqdm(total=total, initial=initial, unit="step", disable=not self.tty)
+        self.last_print = time.time()
+
+    def update(self, num_steps: int, global_step: int) -> None:
+        self.bar.update(num_steps)
+        if not self.tty and time.time() - self.last_print >= STATUS_EVERY_S:
+            self.last_print = time.time()
+            print(f"step {global_step}/{self.total}: " + ", ".join(f"{k} {v}" for k, v in self.status.items()), flush=True)
+
+    def set(self, **status) -> None:
+        self.status.update(status)
+        self.bar.set_postfix(self.status, refresh=False)
+
+
+class ReplayBuffer:
+    """FIFO buffer preallocated on the device; uniform sampling with its own generator.
+
+    Stores (s, a, r, s', terminated, truncated): a as the policy emitted it, r raw (any scaling happens inside the
+    update), s' the true final observation at episode ends, `terminated` the bootstrap mask, `truncated` for logging.
+    """
+
+    fields = ("obs", "actions", "rewards", "next_obs", "terminations", "truncations")
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device, generator: torch.Generator):
+        self.capacity, self.device, self.generator, self.pos, self.size = capacity, device, generator, 0, 0
+        shapes = dict(obs=(capacity, obs_dim), actions=(capacity, act_dim), next_obs=(capacity, obs_dim))
+        self.storage = {k: torch.empty(shapes.get(k, (capacity,)), dtype=torch.float32, device=device) for k in self.fields}
+
+    def add(self, obs, actions, rewards, next_obs, terminations, truncations):
+        idx = torch.arange(self.pos, self.pos + len(obs), device=self.device) % self.capacity
+        for storage, rows in zip(
+            self.storage.values(), (obs, actions, rewards, next_obs, terminations, truncations), strict=True
+        ):
+            storage[idx] = torch.as_tensor(rows, dtype=torch.float32).to(self.device, non_blocking=True)
+        self.pos = (self.pos + len(obs)) % self.capacity
+        self.size = min(self.size + len(obs), self.capacity)
+
+    def sample(self, batch_size: int) -> Batch:
+        idx = torch.randint(0, self.size, (batch_size,), device=self.device, generator=self.generator)
+        return Batch(*(self.storage[k][idx] for k in Batch._fields))
+
+    def state_dict(self) -> dict:
+        return dict({k: v[: self.size].cpu() for k, v in self.storage.items()}, pos=self.pos, size=self.size)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pos, self.size = state["pos"], state["size"]
+        for k, v in self.storage.items():
+            v[: self.size] = state[k].to(self.device)
+
+
 if __name__ == "__main__":
+    # TRY NOT TO MODIFY: arguments, resume, seeding and env setup; nothing is written before all of them succeed
     args = tyro.cli(Args)
-    checkpoint = None
+    algo, checkpoint = os.path.basename(__file__)[: -len(".py")], None
     try:
         if args.resume is not None:
-            checkpoint = load_checkpoint(args.resume)
-            cli = vars(args).copy()
+            checkpoint = load_checkpoint(args.resume, algo)
+            cli, defaults = vars(args).copy(), vars(Args())
             args = Args(**checkpoint["args"])
-            defaults = vars(Args())
             for name in RESUME_OVERRIDES:  # only flags given with a non-default value change the resumed run
                 if cli[name] != defaults[name]:
                     setattr(args, name, cli[name])
         resolve_preset(args)
         validate_args(args)
         check_env_id(args.env_id)
+        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        if checkpoint and checkpoint.get("device") != device.type:  # generator states are device-specific
+            raise ValueError(f"{args.resume} was written on {checkpoint.get('device')}; resume it there, not on {device.type}")
+        run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_name = checkpoint["run_name"] if checkpoint else run_name
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.backends.cudnn.deterministic = args.torch_deterministic
+        # Separate streams, so the logging frequency or evaluation never changes the training noise.
+        act_generator = torch.Generator(device=device).manual_seed(args.seed)
+        update_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
+        replay_generator = torch.Generator(device=device).manual_seed(args.seed + 2)
+        warmup_rng = np.random.default_rng(args.seed)
+        eval_seed = args.seed + 10_000
+        envs, eval_env = make_envs(args.env_id, args.num_envs, args.seed, args.async_envs, run_name, args.capture_video,
+                                   video_every=args.eval_episodes, eval_seed=eval_seed)  # fmt: skip
     except (ValueError, EnvIdError) as e:
         sys.exit(f"{args.exp_name}.py: error: {e}")
-
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = checkpoint["run_name"] if checkpoint else run_name
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-            resume="allow" if checkpoint else None,
-        )
-    start_step = checkpoint["global_step"] if checkpoint else 0
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step if checkpoint else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
-    atomic_write_json(
-        dict(
-            vars(args),
-            run_name=run_name,
-            versions={"torch": torch.__version__, "gymnasium": gym.__version__, "numpy": np.__version__},
-        ),
-        f"runs/{run_name}/config.json",
-    )
-    print(f"{run_name}: preset {args.preset}, " + ", ".join(f"{k}={getattr(args, k)}" for k in PRESETS[args.preset]))
-
-    # TRY NOT TO MODIFY: seeding
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    # Separate streams, so the logging frequency or evaluation never changes the training noise.
-    act_generator = torch.Generator(device=device).manual_seed(args.seed)
-    update_generator = torch.Generator(device=device).manual_seed(args.seed + 1)
-    replay_generator = torch.Generator(device=device).manual_seed(args.seed + 2)
-    warmup_rng = np.random.default_rng(args.seed)
-
-    # env setup
-    try:
-        envs = make_vector_env(args.env_id, args.num_envs, args.seed, args.async_envs, run_name)
-        eval_env = make_env(args.env_id, args.seed + 10_000, 0, args.capture_video, run_name, video_every=args.eval_episodes)()
-    except Exception as e:  # a user env that fails to build: report it in one line
-        sys.exit(f"{args.exp_name}.py: error: cannot make env '{args.env_id}': {type(e).__name__}: {e}")
-    assert isinstance(envs.single_action_space, gym.spaces.Box), "only continuous action space is supported"
     obs_dim = int(np.prod(envs.single_observation_space.shape))
     act_dim = int(np.prod(envs.single_action_space.shape))
 
     # ALGO LOGIC: initialize agent here
     betas = linear_beta_schedule(args.num_timesteps, args.beta_scale)
-    net_kwargs = dict(hidden_dim=args.hidden_dim, num_layers=args.num_layers, activation=nn.Mish, jax_init=True)
+    net_kwargs = dict(hidden_dim=args.hidden_dim, num_layers=args.num_layers)
     actor_kwargs = dict(betas=betas, x_T_scale=args.init_noise_scale, time_dim=args.time_dim, **net_kwargs)
     actor = Actor(obs_dim, act_dim, **actor_kwargs).to(device)
     actor_ema = Actor(obs_dim, act_dim, **actor_kwargs).to(device)  # theta-bar: acts and evaluates
     actor_ema.load_state_dict(actor.state_dict())
     actor_ema.requires_grad_(False)
-    qf1 = SoftQNetwork(obs_dim, act_dim, **net_kwargs).to(device)
-    qf2 = SoftQNetwork(obs_dim, act_dim, **net_kwargs).to(device)
-    qf1_target = SoftQNetwork(obs_dim, act_dim, **net_kwargs).to(device)
-    qf2_target = SoftQNetwork(obs_dim, act_dim, **net_kwargs).to(device)
+    qf1 = QNetwork(obs_dim, act_dim, **net_kwargs).to(device)
+    qf2 = QNetwork(obs_dim, act_dim, **net_kwargs).to(device)
+    qf1_target = QNetwork(obs_dim, act_dim, **net_kwargs).to(device)
+    qf2_target = QNetwork(obs_dim, act_dim, **net_kwargs).to(device)
     qf1_target.load_state_dict(qf1.state_dict())
     qf2_target.load_state_dict(qf2.state_dict())
     q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     target_entropy = -args.target_entropy_scale * act_dim
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=args.autotune)
-    alpha = log_alpha.detach().exp()
     a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device, replay_generator)
-
-    global_step, num_updates, num_policy_updates = start_step, 0, 0
-    if checkpoint:
-        for module, key in (
-            (actor, "actor"),
-            (actor_ema, "actor_ema"),
-            (qf1, "qf1"),
-            (qf2, "qf2"),
-            (qf1_target, "qf1_target"),
-            (qf2_target, "qf2_target"),
-            (q_optimizer, "q_optimizer"),
-            (actor_optimizer, "actor_optimizer"),
-            (a_optimizer, "a_optimizer"),
-        ):
-            module.load_state_dict(checkpoint[key])
-        with torch.no_grad():
-            log_alpha.copy_(checkpoint["log_alpha"])
-        alpha = log_alpha.detach().exp()
-        num_updates = checkpoint["num_updates"]
-        num_policy_updates = checkpoint["num_policy_updates"]
-        rng = checkpoint["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        for generator, key in ((act_generator, "act"), (update_generator, "update"), (replay_generator, "replay")):
-            generator.set_state(rng[key])
-        warmup_rng.bit_generator.state = rng["warmup"]
-        if "replay_buffer" in checkpoint:
-            rb.load_state_dict(checkpoint["replay_buffer"])
-
-    def save_checkpoint():
-        os.makedirs(f"models/{run_name}", exist_ok=True)
-        state = dict(
-            algo="sdac",
-            args=vars(args),
-            run_name=run_name,
-            global_step=global_step,
-            num_updates=num_updates,
-            num_policy_updates=num_policy_updates,
-            actor=actor.state_dict(),
-            actor_ema=actor_ema.state_dict(),
-            qf1=qf1.state_dict(),
-            qf2=qf2.state_dict(),
-            qf1_target=qf1_target.state_dict(),
-            qf2_target=qf2_target.state_dict(),
-            q_optimizer=q_optimizer.state_dict(),
-            actor_optimizer=actor_optimizer.state_dict(),
-            a_optimizer=a_optimizer.state_dict(),
-            log_alpha=log_alpha.detach().cpu(),
-            rng=dict(
-                python=random.getstate(),
-                numpy=np.random.get_state(),
-                torch=torch.get_rng_state(),
-                act=act_generator.get_state(),
-                update=update_generator.get_state(),
-                replay=replay_generator.get_state(),
-                warmup=warmup_rng.bit_generator.state,
-            ),
-        )
-        if args.save_buffer:
-            state["replay_buffer"] = rb.state_dict()
-        atomic_torch_save(state, f"models/{run_name}/checkpoint.pt")
+    # effective sample size of the reverse-sample weights, summed per diffusion step t between logs
+    ess_sum = torch.zeros(args.num_timesteps, device=device)
+    ess_count = torch.zeros(args.num_timesteps, device=device)
+    # Everything a checkpoint holds besides the counters; save and resume both read this one mapping.
+    stateful = dict(actor=actor, actor_ema=actor_ema, qf1=qf1, qf2=qf2, qf1_target=qf1_target, qf2_target=qf2_target,
+                    q_optimizer=q_optimizer, actor_optimizer=actor_optimizer, a_optimizer=a_optimizer,
+                    log_alpha=log_alpha)  # fmt: skip
 
     @torch.no_grad()
     def deterministic_action(obs: np.ndarray) -> np.ndarray:
@@ -678,6 +695,40 @@ if __name__ == "__main__":
         generator = torch.Generator(device=device).manual_seed(observation_seed(obs))
         obs_t = torch.as_tensor(obs, device=device)
         return best_of_n(actor_ema, qf1, qf2, obs_t, args.num_particles, generator).clamp(-1.0, 1.0).cpu().numpy()
+
+    # TRY NOT TO MODIFY: run directory, checkpoints and resume
+    stateful.update(global_rng=GlobalRNG(), act_generator=act_generator, update_generator=update_generator,
+                    replay_generator=replay_generator, warmup_rng=warmup_rng)  # fmt: skip
+    global_step, num_updates = 0, 0
+    if checkpoint:
+        if "replay_buffer" in checkpoint:
+            stateful["replay_buffer"] = rb
+        missing = [key for key in stateful if key not in checkpoint]
+        if missing:
+            sys.exit(f"{args.exp_name}.py: error: {args.resume} lacks {', '.join(missing)}; it cannot be resumed")
+        for key, obj in stateful.items():
+            restore(obj, checkpoint[key])
+        global_step, num_updates = checkpoint["global_step"], checkpoint["num_updates"]
+    if args.save_buffer:
+        stateful["replay_buffer"] = rb
+    start_step = global_step
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
+                   name=run_name, save_code=True, resume="allow" if checkpoint else None)  # fmt: skip
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step if checkpoint else None)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    versions = {"torch": torch.__version__, "gymnasium": gym.__version__, "numpy": np.__version__}
+    atomic_write_json(dict(vars(args), run_name=run_name, versions=versions), f"runs/{run_name}/config.json")
+    print(f"{run_name}: preset {args.preset}, " + ", ".join(f"{k}={getattr(args, k)}" for k in PRESETS[args.preset]))
+
+    def save_checkpoint():
+        os.makedirs(f"models/{run_name}", exist_ok=True)
+        state = {key: state_of(obj) for key, obj in stateful.items()}
+        state.update(algo=algo, args=vars(args), run_name=run_name, device=device.type, global_step=global_step,
+                     num_updates=num_updates)  # fmt: skip
+        atomic_write(f"models/{run_name}/checkpoint.pt", lambda tmp_path: torch.save(state, tmp_path))
 
     def stop_if_nonfinite():
         """One host sync; called at log steps and before every checkpoint, so no bad state is ever saved."""
@@ -687,40 +738,37 @@ if __name__ == "__main__":
                 "stopped, the last good checkpoint is kept"
             )
 
-    # Loss tensors stay on the device; they are read (synchronising) only at log steps.
-    zero = torch.zeros((), device=device)
-    qf1_loss = qf2_loss = qf1_a_values = qf2_a_values = actor_loss = alpha_loss = zero
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    # effective sample size of the reverse-sample weights, summed per diffusion step t between logs
-    ess_sum = torch.zeros(args.num_timesteps, device=device)
-    ess_count = torch.zeros(args.num_timesteps, device=device)
-
-    if args.eval_freq and global_step == 0:  # the untrained policy, so every curve starts at step 0
-        for key, value in evaluate(eval_env, deterministic_action, args.eval_episodes, args.seed + 10_000).scalars().items():
-            writer.add_scalar(key, value, 0)
+    def evaluate_and_log(num_episodes: int) -> dict:
+        scalars = evaluate(eval_env, deterministic_action, num_episodes, eval_seed).scalars()
+        for key, value in scalars.items():
+            writer.add_scalar(key, value, global_step)
+        progress.set(eval=f"{scalars['eval/episodic_return']:.2f}")
+        return scalars
 
     # TRY NOT TO MODIFY: start the game
+    logs, nonfinite = {}, torch.zeros((), dtype=torch.bool, device=device)
+    progress = Progress(args.total_timesteps, global_step)
+    if args.eval_freq and global_step == 0:  # the untrained policy, so every curve starts at step 0
+        evaluate_and_log(args.eval_episodes)
     start_time = time.time()
-    last_return = float("nan")
-    progress = tqdm(total=args.total_timesteps, initial=global_step, unit="step", disable=not sys.stdout.isatty())
     obs, _ = envs.reset(seed=args.seed + global_step)
     while global_step < args.total_timesteps:
         # ALGO LOGIC: put action logic here
         if global_step < args.learning_starts:
             actions = warmup_rng.uniform(-1.0, 1.0, (args.num_envs, act_dim)).astype(np.float32)
         else:
-            with torch.no_grad():
+            with torch.no_grad():  # best-of-N of the EMA policy under the online critics, plus noise
                 actions = best_of_n(
                     actor_ema, qf1, qf2, torch.as_tensor(obs, device=device), args.num_particles, act_generator
                 )
                 xi = torch.randn(actions.shape, device=device, generator=act_generator)
-                actions = actions + args.noise_scale * alpha * xi  # stored unclipped; the env wrapper clips
+                actions = actions + args.noise_scale * log_alpha.detach().exp() * xi  # stored unclipped; the env clips
             actions = actions.cpu().numpy()
 
         # TRY NOT TO MODIFY: execute the game and log data.
         next_obs, rewards, terminations, truncations, infos = envs.step(actions)
         prev_step, global_step = global_step, global_step + args.num_envs
-        progress.update(args.num_envs)
+        progress.update(args.num_envs, global_step)
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         step = split_vector_step(next_obs, terminations, truncations, infos)
@@ -729,7 +777,7 @@ if __name__ == "__main__":
             writer.add_scalar("charts/episodic_length", episode.episodic_length, global_step)
             if episode.success is not None:
                 writer.add_scalar("charts/episodic_success", episode.success, global_step)
-            last_return = episode.episodic_return
+            progress.set(ret=f"{episode.episodic_return:.1f}")
 
         # TRY NOT TO MODIFY: save data to replay buffer; handle `final_obs`
         rb.add(obs, actions, rewards, step.real_next_obs, step.terminated, step.truncated)
@@ -740,146 +788,72 @@ if __name__ == "__main__":
         # ALGO LOGIC: training.
         if global_step >= args.learning_starts and rb.size >= args.batch_size:
             for _ in range(args.updates_per_step):
-                b_obs, b_actions, b_rewards, b_next_obs, b_terminations = rb.sample(args.batch_size)
-                policy_step = num_updates % args.policy_frequency == 0
-                with torch.no_grad():
-                    # a' (at s') and, on policy steps, a0 (at s) in one best-of-N call with the pre-step critics
-                    bon_obs = torch.cat([b_next_obs, b_obs]) if policy_step else b_next_obs
+                batch = rb.sample(args.batch_size)
+                policy_step = num_updates % args.policy_delay == 0
+                alpha = log_alpha.detach().exp()
+                with torch.no_grad():  # a' at s' and, on policy steps, a0 at s: one best-of-N call of the online policy
+                    bon_obs = torch.cat([batch.next_obs, batch.obs]) if policy_step else batch.next_obs
                     bon_actions = best_of_n(actor, qf1, qf2, bon_obs, args.num_particles, update_generator)
                     xi = torch.randn(bon_actions.shape, device=device, generator=update_generator)
                     bon_actions = bon_actions + args.noise_scale * alpha * xi
-                    next_actions = bon_actions[: args.batch_size]
-                    next_q_value = q_target(
-                        args.reward_scale * b_rewards,
-                        b_terminations,
-                        qf1_target(b_next_obs, next_actions),
-                        qf2_target(b_next_obs, next_actions),
-                        args.gamma,
-                    )
-
-                    if policy_step:
-                        a0 = bon_actions[args.batch_size :]
-                        t = torch.randint(0, args.num_timesteps, (args.batch_size,), device=device, generator=update_generator)
-                        sqrt_ab = actor.sqrt_alphas_cumprod[t][:, None]
-                        sqrt_1m_ab = actor.sqrt_one_minus_alphas_cumprod[t][:, None]
-                        eps1 = torch.randn(a0.shape, device=device, generator=update_generator)
-                        a_t = sqrt_ab * a0 + sqrt_1m_ab * eps1
-                        eps2 = torch.randn(
-                            (args.batch_size, args.num_reverse_samples, act_dim), device=device, generator=update_generator
-                        )
-                        recon = ((a_t[:, None] - sqrt_1m_ab[:, None] * eps2) / sqrt_ab[:, None]).clamp(-1.0, 1.0)
-                        wide_obs = b_obs.repeat_interleave(args.num_reverse_samples, dim=0)
-                        recon_rows = recon.view(-1, act_dim)
-                        q_recon = torch.minimum(qf1(wide_obs, recon_rows), qf2(wide_obs, recon_rows))
-                        weights = reverse_sample_weights(q_recon.view(args.batch_size, -1), alpha, args.energy_scale)
-                        ess_sum.index_add_(0, t, effective_sample_size(weights))
-                        ess_count.index_add_(0, t, torch.ones_like(ess_sum[t]))
-
-                qf1_a_values = qf1(b_obs, b_actions)
-                qf2_a_values = qf2(b_obs, b_actions)
-                qf1_loss = F.mse_loss(qf1_a_values, next_q_value)
-                qf2_loss = F.mse_loss(qf2_a_values, next_q_value)
-                q_optimizer.zero_grad()
-                (qf1_loss + qf2_loss).backward()
-                q_optimizer.step()
-
+                # The actor step runs first so that its weights, like everything in an update of the JAX reference,
+                # read the critics before this update's critic step.
                 if policy_step:
-                    lr = linear_lr(
-                        num_policy_updates, args.policy_lr, args.policy_lr_end, args.lr_decay_begin, args.lr_decay_steps
+                    t = torch.randint(0, args.num_timesteps, (args.batch_size,), device=device, generator=update_generator)
+                    eps1 = torch.randn((args.batch_size, act_dim), device=device, generator=update_generator)
+                    eps2 = torch.randn(
+                        (args.batch_size, args.num_reverse_samples, act_dim), device=device, generator=update_generator
                     )
-                    for group in actor_optimizer.param_groups:
-                        group["lr"] = lr
-                    eps_pred = actor(b_obs, a_t, t)
-                    actor_loss = weighted_score_matching_loss(eps_pred, eps2, weights)
-                    actor_optimizer.zero_grad()
-                    actor_loss.backward()
-                    actor_optimizer.step()
-                    num_policy_updates += 1
-
+                    policy_steps = num_updates // args.policy_delay  # optax counts the lr schedule in these
+                    lr = linear_lr(policy_steps, args.policy_lr, args.policy_lr_end, args.lr_decay_begin, args.lr_decay_steps)
+                    a0 = bon_actions[args.batch_size :]
+                    actor_logs, ess = actor_step(batch, a0, t, eps1, eps2, actor, qf1, qf2, actor_optimizer, alpha, lr, args)
+                    logs.update(actor_logs)
+                    ess_sum.index_add_(0, t, ess)
+                    ess_count.index_add_(0, t, torch.ones_like(ess))
+                next_actions = bon_actions[: args.batch_size]
+                logs.update(critic_step(batch, next_actions, qf1, qf2, qf1_target, qf2_target, q_optimizer, args))
                 if args.autotune and num_updates % args.alpha_every == 0:
-                    alpha_loss = -log_alpha * (target_entropy - entropy_approx(alpha, act_dim, args.noise_scale))
-                    a_optimizer.zero_grad()
-                    alpha_loss.backward()
-                    a_optimizer.step()
-                    alpha = log_alpha.detach().exp()
-
-                # update the target networks and the EMA policy
-                if policy_step:
-                    with torch.no_grad():
-                        for param, target_param in zip(qf1.parameters(), qf1_target.parameters(), strict=True):
-                            target_param.lerp_(param, args.tau)
-                        for param, target_param in zip(qf2.parameters(), qf2_target.parameters(), strict=True):
-                            target_param.lerp_(param, args.tau)
-                        for param, target_param in zip(actor.parameters(), actor_ema.parameters(), strict=True):
-                            target_param.lerp_(param, args.tau)
-
+                    logs.update(alpha_step(log_alpha, a_optimizer, target_entropy, act_dim, args.noise_scale))
+                if policy_step:  # the target critics and the EMA policy
+                    polyak_update(qf1, qf1_target, args.tau)
+                    polyak_update(qf2, qf2_target, args.tau)
+                    polyak_update(actor, actor_ema, args.tau)
                 num_updates += 1
-                nonfinite |= ~torch.isfinite(qf1_loss + qf2_loss + actor_loss)
+                nonfinite |= nonfinite_loss(logs)
                 if num_updates % args.log_every == 0:
+                    logs = {k: v for k, v in logs.items() if not k.startswith("sdac/ess")}  # per log window, not stale
+                    logs.update(sdac_diagnostics(log_alpha, actor_optimizer, ess_sum, ess_count, act_dim, args))
+                    # TRY NOT TO MODIFY: log the update
                     stop_if_nonfinite()
+                    write_scalars(writer, logs, global_step)
                     sps = int((global_step - start_step) / (time.time() - start_time))
-                    writer.add_scalar("losses/qf1_values", qf1_a_values.mean().item(), global_step)
-                    writer.add_scalar("losses/qf2_values", qf2_a_values.mean().item(), global_step)
-                    writer.add_scalar("losses/qf1_loss", qf1_loss.item(), global_step)
-                    writer.add_scalar("losses/qf2_loss", qf2_loss.item(), global_step)
-                    writer.add_scalar("losses/qf_loss", (qf1_loss + qf2_loss).item() / 2.0, global_step)
-                    writer.add_scalar("losses/actor_loss", actor_loss.item(), global_step)
-                    writer.add_scalar("losses/alpha", alpha.item(), global_step)
-                    writer.add_scalar("losses/alpha_loss", alpha_loss.item(), global_step)
-                    writer.add_scalar("sdac/noise_std", args.noise_scale * alpha.item(), global_step)
-                    writer.add_scalar("sdac/weight_temperature", alpha.item() / args.energy_scale, global_step)
-                    writer.add_scalar(
-                        "sdac/entropy_approx", entropy_approx(alpha, act_dim, args.noise_scale).item(), global_step
-                    )
-                    writer.add_scalar("sdac/policy_lr", actor_optimizer.param_groups[0]["lr"], global_step)
-                    counts = ess_count.cpu()
-                    if counts.sum() > 0:
-                        sums = ess_sum.cpu()
-                        writer.add_scalar("sdac/ess", (sums.sum() / counts.sum()).item(), global_step)
-                        for t_index in np.flatnonzero(counts.numpy()):
-                            writer.add_scalar(
-                                f"sdac/ess_by_t/t{t_index:02d}", (sums[t_index] / counts[t_index]).item(), global_step
-                            )
-                        ess_sum.zero_()
-                        ess_count.zero_()
                     writer.add_scalar("charts/SPS", sps, global_step)
                     writer.add_scalar("charts/updates", num_updates, global_step)
-                    progress.set_postfix(SPS=sps, ret=f"{last_return:.1f}", refresh=False)
+                    progress.set(SPS=sps)
 
-        # Evaluation and checkpoints happen when global_step crosses a multiple of their period.
+        # TRY NOT TO MODIFY: evaluation and checkpoints, when global_step crosses a multiple of their period
         if args.eval_freq and crossed(prev_step, global_step, args.eval_freq) and global_step < args.total_timesteps:
-            result = evaluate(eval_env, deterministic_action, args.eval_episodes, args.seed + 10_000)
-            for key, value in result.scalars().items():
-                writer.add_scalar(key, value, global_step)
+            evaluate_and_log(args.eval_episodes)
         if args.save_model and crossed(prev_step, global_step, args.checkpoint_every):
             stop_if_nonfinite()
             save_checkpoint()
 
+    # TRY NOT TO MODIFY: final checkpoint and evaluation
     stop_if_nonfinite()
     if args.save_model:
         save_checkpoint()
         print(f"checkpoint saved to models/{run_name}/checkpoint.pt")
     if args.final_eval_episodes:
-        result = evaluate(eval_env, deterministic_action, args.final_eval_episodes, args.seed + 10_000)
-        scalars = result.scalars()
-        for key, value in scalars.items():
-            writer.add_scalar(key, value, global_step)
-        atomic_write_json(
-            dict(
-                scalars,
-                global_step=global_step,
-                num_updates=num_updates,
-                episodes=args.final_eval_episodes,
-                wall_time=time.time() - start_time,
-            ),
-            f"runs/{run_name}/final_eval.json",
-        )
+        scalars = evaluate_and_log(args.final_eval_episodes)
+        final = dict(scalars, global_step=global_step, num_updates=num_updates, episodes=args.final_eval_episodes,
+                     wall_time=time.time() - start_time)  # fmt: skip
+        atomic_write_json(final, f"runs/{run_name}/final_eval.json")
         print(
             f"final eval over {args.final_eval_episodes} episodes: return {scalars['eval/episodic_return']:.2f} "
             f"± {scalars['eval/episodic_return_std']:.2f}"
         )
-
-    progress.close()
+    progress.bar.close()
     envs.close()
     eval_env.close()
     writer.close()

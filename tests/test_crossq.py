@@ -1,4 +1,5 @@
-"""Tests of algos/crossq.py: BatchRenorm against its formulas, the pure maths, script smoke/resume/error runs, learning."""
+"""Tests of algos/crossq.py: BatchRenorm against its formulas, the pure maths, each update step on a tiny problem,
+script smoke/resume/error runs, learning."""
 
 import json
 import math
@@ -25,7 +26,8 @@ def batch(n=64, features=5, seed=0):
 
 
 def make_brn(cq, features=5, **kwargs):
-    layer = cq.BatchRenorm(features, **kwargs).double()
+    """A float64 layer of the Flax flavour with `kwargs` overriding it."""
+    layer = cq.BatchRenorm(features, **{**cq.BRN_FLAX, **kwargs}).double()
     with torch.no_grad():  # non-trivial affine, so a test also sees gamma and beta applied
         layer.weight.copy_(torch.linspace(0.5, 2.0, features))
         layer.bias.copy_(torch.linspace(-1.0, 1.0, features))
@@ -33,7 +35,7 @@ def make_brn(cq, features=5, **kwargs):
 
 
 def renorm_reference(x, mean_run, var_run, eps, r_max, d_max, gamma, beta):
-    """Batch renorm written from the spec (qflex.md §2.1), r and d as constants; returns (y, r_unclipped, d_unclipped)."""
+    """Batch renorm as Ioffe (2017, Algorithm 1) writes it, r and d as constants; returns (y, r_unclipped, d_unclipped)."""
     mu = x.mean(0)
     var = ((x - mu) ** 2).mean(0)
     sigma_r = torch.sqrt(var_run + eps)
@@ -188,9 +190,15 @@ def test_log_prob_temperature_and_target(cq):
 
 
 def test_presets_resolve(cq):
-    paper = cq.resolve_preset(cq.Args(preset="paper", num_envs=4))
-    assert (paper.updates_per_step, paper.policy_delay, paper.critic_hidden_dim, paper.num_layers) == (4, 3, 2048, 2)
-    assert paper.tanh_correction and paper.separate_heads and paper.brn_warmup == 100_000 and not paper.brn_debias
+    paper = cq.resolve_preset(cq.Args(preset="paper"))
+    assert (paper.num_envs, paper.updates_per_step, paper.policy_delay, paper.critic_hidden_dim, paper.num_layers) == (
+        1,
+        1,  # UTD 1 per transition; with --num-envs E the paper protocol needs --updates-per-step E
+        3,
+        2048,
+        2,
+    )
+    assert paper.tanh_correction and paper.separate_heads and paper.actor_critic_weights == "post-update"
     default = cq.resolve_preset(cq.Args(brn_warmup=7))
     assert default.preset == "qflex-protocol" and default.brn_warmup == 7 and default.brn_debias
     assert (default.num_envs, default.updates_per_step, default.learning_starts, default.actor_critic_weights) == (
@@ -199,6 +207,151 @@ def test_presets_resolve(cq):
         30_000,
         "pre-update",
     )
+    # each preset's BatchRenorm flags are the flavour of its reference code
+    for preset, flavour in (("paper", cq.BRN_FLAX), ("qflex-protocol", cq.BRN_HAIKU)):
+        args = cq.resolve_preset(cq.Args(preset=preset))
+        assert {k: getattr(args, f"brn_{k}") for k in flavour} == flavour, preset
+
+
+# ---------------------------------------------------------------- update steps on a tiny fixed problem
+
+OBS_DIM, ACT_DIM, B = 5, 2, 16
+
+
+def tiny_agent(cq, preset="qflex-protocol", seed=0):
+    """Actor, two critics, their optimisers and log alpha for a 5-d observation and 2-d action, plus one batch."""
+    torch.manual_seed(seed)
+    args = cq.resolve_preset(cq.Args(preset=preset, hidden_dim=8, critic_hidden_dim=8, num_layers=2))
+    brn = dict(momentum=args.brn_momentum, eps=args.brn_eps, r_max=args.brn_r_max, d_max=args.brn_d_max,
+               warmup=args.brn_warmup, debias=args.brn_debias)  # fmt: skip
+    actor = cq.Actor(OBS_DIM, ACT_DIM, args.hidden_dim, args.num_layers, brn, args.separate_heads)
+    qf1 = cq.SoftQNetwork(OBS_DIM, ACT_DIM, args.critic_hidden_dim, args.num_layers, brn)
+    qf2 = cq.SoftQNetwork(OBS_DIM, ACT_DIM, args.critic_hidden_dim, args.num_layers, brn)
+    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=1e-2, betas=(0.5, 0.999))
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=1e-2, betas=(0.5, 0.999))
+    log_alpha = torch.tensor(0.0, requires_grad=True)
+    a_optimizer = torch.optim.Adam([log_alpha], lr=1e-2)
+    g = torch.Generator().manual_seed(seed + 1)
+    batch = cq.Batch(
+        torch.randn(B, OBS_DIM, generator=g),
+        torch.rand(B, ACT_DIM, generator=g) * 2 - 1,
+        torch.randn(B, generator=g),
+        torch.randn(B, OBS_DIM, generator=g),
+        (torch.rand(B, generator=g) < 0.2).float(),
+    )
+    noise = torch.randn(B, ACT_DIM, generator=g)
+    return args, actor, qf1, qf2, q_optimizer, actor_optimizer, log_alpha, a_optimizer, batch, noise
+
+
+def snapshot(module):
+    """Parameters, gradients and buffers (BatchRenorm statistics and counters) of a module, cloned."""
+    return (
+        {k: v.detach().clone() for k, v in module.named_parameters()},
+        {k: None if v.grad is None else v.grad.clone() for k, v in module.named_parameters()},
+        {k: v.clone() for k, v in module.named_buffers()},
+    )
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+        for x, y in zip(a.values(), b.values(), strict=True)
+    )
+
+
+def counters(module) -> set[int]:
+    return {int(v) for k, v in module.named_buffers() if k.endswith("num_batches_tracked")}
+
+
+@pytest.mark.parametrize("step_optimizer", [True, False])
+def test_critic_step_trains_the_critics_only(cq, step_optimizer):
+    args, actor, qf1, qf2, q_optimizer, _, log_alpha, _, batch, noise = tiny_agent(cq)
+    actor_before, qf1_before = snapshot(actor), snapshot(qf1)
+    logs = cq.critic_step(batch, noise, actor, qf1, qf2, q_optimizer, log_alpha, args, step_optimizer=step_optimizer)
+    assert set(logs) == {"losses/qf1_values", "losses/qf2_values", "losses/qf1_loss", "losses/qf2_loss", "losses/qf_loss",
+                         "losses/alpha"}  # fmt: skip
+    assert all(v.ndim == 0 and not v.requires_grad for v in logs.values())
+    # a' comes from the actor in eval mode under no_grad: its parameters, gradients and statistics are untouched
+    assert all(same(a, b) for a, b in zip(snapshot(actor), actor_before, strict=True)) and not actor.training
+    # one train-mode call per critic layer (the joint pass); the weights move only when the optimiser steps
+    assert counters(qf1) == {1} and counters(qf2) == {1} and qf1.training and qf2.training
+    params, grads, _ = snapshot(qf1)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert same(params, qf1_before[0]) != step_optimizer
+    assert float(logs["losses/alpha"]) == 1.0 and torch.isfinite(logs["losses/qf_loss"])
+
+
+def test_actor_step_leaves_the_critics_untouched(cq):
+    args, actor, qf1, qf2, q_optimizer, actor_optimizer, log_alpha, _, batch, noise = tiny_agent(cq)
+    cq.critic_step(batch, noise, actor, qf1, qf2, q_optimizer, log_alpha, args, step_optimizer=False)  # grads waiting
+    critics_before, actor_before = (snapshot(qf1), snapshot(qf2)), snapshot(actor)
+    logs, log_pi = cq.actor_step(batch, noise, actor, qf1, qf2, actor_optimizer, log_alpha, args)
+    assert set(logs) == {"losses/actor_loss", "losses/entropy"} and log_pi.shape == (B,) and not log_pi.requires_grad
+    torch.testing.assert_close(logs["losses/entropy"], -log_pi.mean())
+    # critics in eval mode: weights, waiting gradients and BatchRenorm statistics all unchanged
+    for qf, before in zip((qf1, qf2), critics_before, strict=True):
+        assert all(same(a, b) for a, b in zip(snapshot(qf), before, strict=True)) and not qf.training
+    # the actor moved, its layers took one train-mode call each, and it is left in eval mode for acting
+    assert not same(snapshot(actor)[0], actor_before[0]) and counters(actor) == {1} and not actor.training
+    assert log_alpha.grad is None
+
+
+def test_pre_update_actor_step_sees_the_old_weights_and_new_statistics(cq):
+    """The `pre-update` order (critic backward, actor step, q_optimizer.step) gives the critics exactly the update of
+    `post-update` order, while the actor step's critic calls see the weights from before it."""
+    runs = {}
+    for order in ("post-update", "pre-update"):
+        args, actor, qf1, qf2, q_optimizer, actor_optimizer, log_alpha, _, batch, noise = tiny_agent(cq)
+        weights_before = snapshot(qf1)[0]
+        cq.critic_step(batch, noise, actor, qf1, qf2, q_optimizer, log_alpha, args, step_optimizer=order == "post-update")
+        seen = {k: v.detach().clone() for k, v in qf1.named_parameters()}  # what the actor step will see
+        statistics_seen = {k: v.clone() for k, v in qf1.named_buffers()}
+        logs, _ = cq.actor_step(batch, noise, actor, qf1, qf2, actor_optimizer, log_alpha, args)
+        if order == "pre-update":
+            q_optimizer.step()
+        runs[order] = dict(seen=seen, stats=statistics_seen, final=snapshot(qf1)[0], actor_loss=logs["losses/actor_loss"])
+        if order == "pre-update":
+            assert same(seen, weights_before)
+        else:
+            assert not same(seen, weights_before)
+    assert same(runs["pre-update"]["final"], runs["post-update"]["final"])
+    assert same(runs["pre-update"]["stats"], runs["post-update"]["stats"])  # both see the joint pass's statistics
+    assert not torch.equal(runs["pre-update"]["actor_loss"], runs["post-update"]["actor_loss"])
+
+
+def test_nan_to_num_batch_zeroes_non_finite_entries_only(cq):
+    """The qflex-protocol guard of the Qflex authors' CrossQ: NaN and +-inf in s, a, r, s' become 0, nothing else moves."""
+    *_, batch, _ = tiny_agent(cq)
+    bad = batch._replace(
+        obs=batch.obs.clone().index_put_((torch.tensor([0]), torch.tensor([1])), torch.tensor(float("nan"))),
+        actions=batch.actions.clone().index_put_((torch.tensor([2]), torch.tensor([0])), torch.tensor(float("inf"))),
+        rewards=batch.rewards.clone().index_put_((torch.tensor([3]),), torch.tensor(float("-inf"))),
+    )
+    guarded = cq.nan_to_num_batch(bad)
+    assert all(torch.isfinite(x).all() for x in guarded)
+    assert guarded.obs[0, 1] == 0 and guarded.actions[2, 0] == 0 and guarded.rewards[3] == 0
+    finite = [torch.isfinite(x) for x in bad]
+    for x, y, mask in zip(guarded, bad, finite, strict=True):
+        assert torch.equal(x[mask], y[mask])  # an identity on finite entries, so finite runs are bit-identical
+    assert guarded.terminations is bad.terminations
+    assert cq.resolve_preset(cq.Args()).nan_to_num and not cq.resolve_preset(cq.Args(preset="paper")).nan_to_num
+
+
+@pytest.mark.parametrize("form", ["alpha", "log-alpha"])
+def test_alpha_step_moves_alpha_towards_the_target_entropy(cq, form):
+    _, actor, *_ = tiny_agent(cq)
+    log_alpha = torch.tensor(0.0, requires_grad=True)
+    a_optimizer = torch.optim.Adam([log_alpha], lr=0.1)
+    actor_before = snapshot(actor)
+    for entropy_gap, direction in ((-1.0, -1), (1.0, 1)):  # H - H_target < 0: alpha must grow; > 0: shrink
+        with torch.no_grad():
+            log_alpha.zero_()
+        log_pi = torch.full((B,), -(-2.0 + entropy_gap))  # H = -mean log pi = -2 + gap with H_target = -2
+        logs = cq.alpha_step(log_pi, log_alpha, a_optimizer, -2.0, form)
+        assert set(logs) == {"losses/alpha_loss", "losses/alpha"}
+        assert math.copysign(1, -float(log_alpha.detach())) == direction
+        assert float(logs["losses/alpha"]) == pytest.approx(math.exp(float(log_alpha.detach())))
+    assert all(same(a, b) for a, b in zip(snapshot(actor), actor_before, strict=True))
 
 
 # ---------------------------------------------------------------- script runs
@@ -208,12 +361,13 @@ TINY = [
     "--log-every", "10", "--eval-freq", "100", "--eval-episodes", "1", "--final-eval-episodes", "1",
     "--hidden-dim", "16", "--critic-hidden-dim", "16", "--save-model", "--checkpoint-every", "1000",
 ]  # fmt: skip
-SMOKE = {
+SMOKE = {  # paper: --updates-per-step 2 keeps its UTD of 1 per transition with TINY's 2 envs
     "qflex-protocol-ChainReach16-v0": ["--env-id", "ChainReach16-v0"],
-    "paper-ChainReach16-v0": ["--env-id", "ChainReach16-v0", "--preset", "paper", "--brn-warmup", "20"],
+    "paper-ChainReach16-v0": ["--env-id", "ChainReach16-v0", "--preset", "paper", "--brn-warmup", "20",
+                              "--updates-per-step", "2"],
     "qflex-protocol-myoLegWalk-v0": ["--env-id", "myoLegWalk-v0", "--eval-freq", "0"],
-    "paper-myoLegWalk-v0": ["--env-id", "myoLegWalk-v0", "--preset", "paper", "--eval-freq", "0"],
-}
+    "paper-myoLegWalk-v0": ["--env-id", "myoLegWalk-v0", "--preset", "paper", "--eval-freq", "0", "--updates-per-step", "2"],
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(SMOKE))
@@ -222,7 +376,7 @@ def test_smoke_updates_run(tmp_path, name):
     (run_dir,) = run_dirs(tmp_path)
     config = json.loads((run_dir / "config.json").read_text())
     paper = config["preset"] == "paper"
-    expected_updates = ((200 - 64) // 2 + 1) * (2 if paper else 1)  # from step 64 on; paper: updates_per_step = num_envs
+    expected_updates = ((200 - 64) // 2 + 1) * (2 if paper else 1)  # from step 64 on; paper: UTD 1 per transition
     assert config["updates_per_step"] == (2 if paper else 1) and config["tanh_correction"] == paper
     scalars = read_scalars(run_dir)
     assert scalars["charts/updates"][-1][1] == expected_updates // 10 * 10  # logged every 10 updates
@@ -260,7 +414,7 @@ def test_resume_continues_at_the_same_step(tmp_path):
 def test_bad_argument_fails_in_one_line(tmp_path):
     """One of crossq.py's own checks (the shared ones are covered by test_sac.py); nothing is written."""
     proc = run_algo("crossq", "--env-id", "ChainReach4-v0", "--brn-momentum", "1.5", cwd=tmp_path, check=False)
-    assert_one_line_error(proc, "--brn-momentum must lie in [0, 1), got 1.5")
+    assert_one_line_error(proc, "--brn-momentum must be in [0, 1), got 1.5")
     assert not (tmp_path / "runs").exists()
 
 

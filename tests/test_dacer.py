@@ -1,5 +1,6 @@
 """algos/dacer.py: the maths against closed forms (noise schedules, reverse step, DSAC-T critic loss, GMM entropy
-estimate), smoke runs with updates and alpha/GMM steps, checkpoint resume, a clean failure, and a learning test."""
+estimate), each update step on a tiny fixed problem, smoke runs with updates and alpha/GMM steps, checkpoint resume,
+clean failures, and a learning test."""
 
 import json
 import math
@@ -18,7 +19,28 @@ TINY = ["--total-timesteps", "300", "--learning-starts", "100", "--batch-size", 
         "--final-eval-episodes", "1", "--alpha-every", "40", "--entropy-samples", "20", "--no-cuda"]  # fmt: skip
 LOSS_KEYS = {"losses/qf1_values", "losses/qf2_values", "losses/qf1_loss", "losses/qf2_loss", "losses/qf_loss",
              "losses/actor_loss", "losses/alpha", "losses/alpha_loss", "charts/SPS", "dacer/entropy",
-             "dacer/qf1_std_ema", "dacer/noise_std"}  # fmt: skip
+             "dacer/qf1_std_ema", "dacer/noise_std", "dacer/clipped_fraction", "dacer/policy_lr"}  # fmt: skip
+
+
+def tiny_agent(seed: int = 0):
+    """A 3-step diffusion policy and four critics on obs_dim 4, |A| 2, and a batch of 8 transitions."""
+    torch.manual_seed(seed)
+    kwargs = dict(hidden_dim=16, num_layers=2, activation=torch.nn.Mish)
+    actor = dacer.Actor(4, 2, betas=dacer.linear_beta_schedule(3, 0.3), x_T_scale=0.5, time_dim=4, **kwargs)
+    critics = [dacer.DistributionalQNetwork(4, 2, **kwargs) for _ in range(4)]
+    critics[2].load_state_dict(critics[0].state_dict())
+    critics[3].load_state_dict(critics[1].state_dict())
+    batch = dacer.Batch(torch.randn(8, 4), torch.rand(8, 2) * 2 - 1, torch.randn(8), torch.randn(8, 4),
+                        torch.tensor([0.0] * 7 + [1.0]))  # fmt: skip
+    return actor, critics, batch
+
+
+def snapshot(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def unchanged(module: torch.nn.Module, before: list[torch.Tensor]) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(module.parameters(), before, strict=True))
 
 
 # ----------------------------------------------------------------------------------------------------------- maths
@@ -77,19 +99,20 @@ def test_time_embedding_and_network_shapes():
     assert torch.allclose(emb[1, 0], torch.tensor(math.sin(7.0) / 4)) and torch.allclose(
         emb[1, 9], torch.tensor(math.cos(7 * 10000 ** (-1 / 8)) / 4)
     )
-    actor = dacer.Actor(6, 3, 32, 3, torch.nn.Mish, True, dacer.vp_beta_schedule(20), 1.0, 16)
+    actor = dacer.Actor(6, 3, 32, 3, torch.nn.Mish, dacer.vp_beta_schedule(20), 1.0, 16)
     assert actor(torch.zeros(4, 6), torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)).shape == (4, 3)
 
 
 def test_sampling_noise_clip_and_deterministic_action():
     torch.manual_seed(0)
-    actor = dacer.Actor(6, 3, 32, 2, torch.nn.Mish, True, dacer.linear_beta_schedule(20, 0.3), 0.5, 16)
+    actor = dacer.Actor(6, 3, 32, 2, torch.nn.Mish, dacer.linear_beta_schedule(20, 0.3), 0.5, 16)
     obs = torch.randn(8, 6)
-    noisy = actor.sample(obs, torch.Generator().manual_seed(1), noise_std=5.0)
+    noise = actor.draw_noise(8, torch.Generator().manual_seed(1))
+    noisy = actor.sample(obs, noise, noise_std=5.0)
     assert noisy.abs().max() <= 1.0 and (noisy.abs() == 1.0).any()  # large noise, then clipped
-    quiet_a = actor.sample(obs, torch.Generator().manual_seed(1), noise_std=0.0)
-    quiet_b = actor.sample(obs, torch.Generator().manual_seed(1), noise_std=0.0)
-    assert torch.equal(quiet_a, quiet_b)
+    quiet = actor.sample(obs, noise, noise_std=0.0)
+    assert torch.equal(quiet, actor.chain(obs, 0.5 * noise.x_T, noise.z).clamp(-1.0, 1.0))  # x_T ~ 0.5 N(0, I)
+    assert torch.equal(quiet, actor.sample(obs, actor.draw_noise(8, torch.Generator().manual_seed(1)), noise_std=0.0))
     # the chain (first layer split, state and time parts computed once) equals eps_theta called at every step
     x_T, z = 0.5 * torch.randn(8, 3), torch.randn(20, 8, 3)
     x = x_T
@@ -117,14 +140,15 @@ def test_distributional_critic_loss_gradients():
     assert mean.grad[0] < 0 and std.grad[0] < 0 and std.grad[3] > 0  # mu towards y, sigma towards |TD error|
 
 
-def test_distributional_targets():
-    """The sampled target follows the critic with the smaller mean; terminated transitions do not bootstrap."""
+def test_bootstrap_target():
+    """The sampled target follows the critic with the smaller mean, zeta is clipped at 3, and terminated transitions
+    do not bootstrap."""
     rewards, terminations = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.0, 0.0, 1.0])
     q1 = (torch.tensor([2.0, 5.0, 2.0]), torch.tensor([1.0, 1.0, 1.0]))
     q2 = (torch.tensor([3.0, 4.0, 3.0]), torch.tensor([2.0, 2.0, 2.0]))
-    y_mean, y_sample = dacer.distributional_targets(rewards, terminations, q1, q2, torch.tensor([1.0, 1.0, 1.0]), 0.5)
+    y_mean, y_sample = dacer.bootstrap_target(rewards, terminations, q1, q2, torch.tensor([1.0, 5.0, 1.0]), 0.5)
     assert torch.allclose(y_mean, torch.tensor([2.0, 3.0, 1.0]))
-    assert torch.allclose(y_sample, torch.tensor([1 + 0.5 * 3.0, 1 + 0.5 * 6.0, 1.0]))
+    assert torch.allclose(y_sample, torch.tensor([1 + 0.5 * 3.0, 1 + 0.5 * (4.0 + 2.0 * 3.0), 1.0]))
 
 
 def test_std_ema_initialised_from_first_batch():
@@ -152,9 +176,9 @@ def test_gmm_entropy_on_low_dimensional_gaussian():
 
 
 def test_gmm_entropy_at_80_dimensions():
-    """Spec §3.5: 200 isotropic samples (sigma 0.45, true entropy 49.6 nats) at d = 80. The paper's full-covariance
-    estimate is rank-deficient and far too low (measured -23 to -53 over seeds 0-2); diagonal components are within a
-    few nats (47.7-48.3)."""
+    """The weakness noted in docs/algorithms/dacer.md: 200 isotropic samples (sigma 0.45, true entropy 49.6 nats) at
+    d = 80. The paper's full-covariance estimate is rank-deficient and far too low (measured -23 to -53 over seeds
+    0-2); diagonal components are within a few nats (47.7-48.3)."""
     true = 0.5 * 80 * (1 + math.log(2 * math.pi * 0.45**2))
     assert true == pytest.approx(49.63, abs=0.01)
     samples = np.random.default_rng(1).normal(size=(1, 200, 80)) * 0.45
@@ -167,6 +191,83 @@ def test_gmm_entropy_at_80_dimensions():
 def test_policy_lr_schedule():
     lr = [dacer.linear_lr(step, 3e-4, 3e-5, 25_000, 50_000) for step in (0, 25_000, 50_000, 75_000, 200_000)]
     assert lr == pytest.approx([3e-4, 3e-4, 1.65e-4, 3e-5, 3e-5])
+
+
+def test_draw_noise_is_drawn_chunk_by_chunk(monkeypatch):
+    """x_T, z and xi come chunk by chunk in that order, the order the entropy sampling consumes them in."""
+    monkeypatch.setattr(dacer, "SAMPLE_CHUNK", 3)
+    actor, _, _ = tiny_agent()
+    noise = actor.draw_noise(7, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    for start, rows in ((0, 3), (3, 3), (6, 1)):
+        assert torch.equal(noise.x_T[start : start + rows], torch.randn((rows, 2), generator=generator))
+        assert torch.equal(noise.z[:, start : start + rows], torch.randn((3, rows, 2), generator=generator))
+        assert torch.equal(noise.xi[start : start + rows], torch.randn((rows, 2), generator=generator))
+    assert [len(part.x_T) for part in noise.split(3)] == [3, 3, 1]
+
+
+# ---------------------------------------------------------------------------------------------------- update steps
+def test_critic_step_moves_only_the_online_critics():
+    actor, (qf1, qf2, qf1_target, qf2_target), batch = tiny_agent()
+    args = dacer.resolve_preset(dacer.Args())
+    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=1e-3)
+    next_actions, zeta = torch.rand(8, 2) * 2 - 1, torch.randn(8)
+    # the expected loss: targets from the target critics, b_i initialised from this batch's mean std
+    with torch.no_grad():
+        targets = dacer.bootstrap_target(args.reward_scale * batch.rewards, batch.terminations,
+                                         qf1_target(batch.next_obs, next_actions), qf2_target(batch.next_obs, next_actions),
+                                         zeta, args.gamma)  # fmt: skip
+        mean, std = qf1(batch.obs, batch.actions)
+        expected = dacer.distributional_critic_loss(mean, std, *targets, std.mean())
+    before = {name: snapshot(m) for name, m in dict(actor=actor, qf1=qf1, qf2=qf2, t1=qf1_target, t2=qf2_target).items()}
+    std_ema = torch.full((2,), -1.0)
+    logs = dacer.critic_step(batch, next_actions, zeta, qf1, qf2, qf1_target, qf2_target, q_optimizer, std_ema, args)
+    assert torch.allclose(logs["losses/qf1_loss"], expected)
+    assert logs["losses/qf_loss"] == (logs["losses/qf1_loss"] + logs["losses/qf2_loss"]) / 2
+    assert torch.equal(std_ema, torch.stack([logs["dacer/qf1_std"], logs["dacer/qf2_std"]]))  # in place, from the batch
+    assert not unchanged(qf1, before["qf1"]) and not unchanged(qf2, before["qf2"])
+    assert unchanged(actor, before["actor"]) and unchanged(qf1_target, before["t1"]) and unchanged(qf2_target, before["t2"])
+    assert all(p.grad is None for p in actor.parameters())
+    assert all(not v.requires_grad for v in logs.values())
+
+
+def test_actor_step_moves_only_the_policy():
+    actor, (qf1, qf2, _, _), batch = tiny_agent()
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=1e-3)
+    noise = actor.draw_noise(8, torch.Generator().manual_seed(2))
+    noise_std = torch.tensor(0.45)
+    with torch.no_grad():
+        pi = actor.sample(batch.obs, noise, noise_std)
+        expected = -torch.minimum(qf1(batch.obs, pi)[0], qf2(batch.obs, pi)[0]).mean()
+    before_actor, before_q1, before_q2 = snapshot(actor), snapshot(qf1), snapshot(qf2)
+    logs = dacer.actor_step(batch, noise, actor, qf1, qf2, actor_optimizer, noise_std, lr=2e-4)
+    assert torch.allclose(logs["losses/actor_loss"], expected)
+    assert logs["dacer/clipped_fraction"] == (pi.abs() >= 1.0).float().mean()
+    assert actor_optimizer.param_groups[0]["lr"] == 2e-4
+    assert not unchanged(actor, before_actor)
+    assert unchanged(qf1, before_q1) and unchanged(qf2, before_q2)
+    assert all(p.grad is None for p in list(qf1.parameters()) + list(qf2.parameters()))  # no gradient left in the critics
+
+
+@pytest.mark.parametrize("target_entropy", [50.0, -50.0])
+def test_alpha_step_moves_alpha_towards_the_target_entropy(target_entropy):
+    """H = the GMM estimate of 20 samples per state (chain, noise and clip included); alpha grows while H < H-bar."""
+    actor, _, batch = tiny_agent()
+    obs = batch.obs[:4]
+    args = dacer.resolve_preset(dacer.Args(entropy_samples=20))
+    log_alpha = torch.tensor(math.log(3.0), requires_grad=True)
+    a_optimizer = torch.optim.Adam([log_alpha], lr=3e-2)
+    noise, noise_std = actor.draw_noise(4 * 20, torch.Generator().manual_seed(3)), torch.tensor(0.45)
+    with torch.no_grad():
+        samples = actor.sample(obs.repeat_interleave(20, dim=0), noise, noise_std).view(4, 20, 2).numpy()
+    entropy = dacer.estimate_entropy(samples, 3, "gmm-full")
+    before = snapshot(actor)
+    logs = dacer.alpha_step(obs, noise, actor, log_alpha, a_optimizer, noise_std, target_entropy, args)
+    assert logs["dacer/entropy"].item() == pytest.approx(entropy)
+    assert logs["losses/alpha_loss"].item() == pytest.approx(-math.log(3.0) * (target_entropy - entropy), rel=1e-5)
+    assert (log_alpha.item() > math.log(3.0)) == (entropy < target_entropy)
+    assert log_alpha.item() == pytest.approx(math.log(3.0) + math.copysign(3e-2, target_entropy - entropy), rel=1e-4)
+    assert unchanged(actor, before) and all(p.grad is None for p in actor.parameters())
 
 
 # ------------------------------------------------------------------------------------------------------ the script
@@ -197,15 +298,27 @@ def test_smoke_paper_preset_and_resume_continues_at_same_step(tmp_path):
     assert config["beta_schedule"] == "vp" and config["policy_lr"] == 1e-4 and config["q_lr"] == 5e-4
     checkpoint_path = tmp_path / "models" / run_dir.name / "checkpoint.pt"
     checkpoint = torch.load(checkpoint_path, weights_only=False)
-    assert checkpoint["global_step"] == 300 and checkpoint["num_updates"] == 101
-    assert checkpoint["num_policy_updates"] == 51 and (checkpoint["std_ema"] > 0).all()
+    assert checkpoint["global_step"] == 300 and checkpoint["num_updates"] == 101 and (checkpoint["std_ema"] > 0).all()
+    # optimiser steps: critics every update, the policy on updates 0, 2, ..., alpha on updates 0, 40, 80
+    assert optimizer_steps(checkpoint) == dict(q_optimizer=101, actor_optimizer=51, a_optimizer=3)
     resumed = resume_to("dacer", run_dir, checkpoint_path, 400, cwd=tmp_path)
-    assert resumed["global_step"] == 400 and resumed["num_updates"] == 151 and resumed["num_policy_updates"] == 76
+    assert resumed["global_step"] == 400 and resumed["num_updates"] == 151
+    assert optimizer_steps(resumed) == dict(q_optimizer=151, actor_optimizer=76, a_optimizer=4)
 
 
-def test_bad_input_fails_in_one_line(tmp_path):
-    proc = run_algo("dacer", "--entropy-samples", "2", cwd=tmp_path, check=False)
-    assert_one_line_error(proc, "--entropy-samples 2 is below --gmm-components 3")
+def optimizer_steps(checkpoint: dict) -> dict[str, int]:
+    return {key: int(checkpoint[key]["state"][0]["step"]) for key in ("q_optimizer", "actor_optimizer", "a_optimizer")}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--entropy-samples", "2"], "--entropy-samples 2 is below --gmm-components 3"),
+     (["--policy-delay", "0"], "--policy-delay must be positive, got 0"),
+     (["--time-dim", "15"], "--time-dim must be a positive even number, got 15")],
+)  # fmt: skip
+def test_bad_input_fails_in_one_line(tmp_path, flags, message):
+    proc = run_algo("dacer", *flags, cwd=tmp_path, check=False)
+    assert_one_line_error(proc, message)
     assert not (tmp_path / "runs").exists()
 
 
