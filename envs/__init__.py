@@ -233,7 +233,7 @@ def make_env(env_id: str, seed: int, idx: int, capture_video: bool, run_name: st
 
 
 def make_vector_env(env_id: str, num_envs: int, seed: int, async_envs: bool = False, run_name: str = ""):
-    """`num_envs` copies of `env_id` (env i seeded seed + i) with same-step autoreset (one real transition per env per step)."""
+    """`num_envs` copies of `env_id` (env i seeded seed + i), same-step autoreset: one real transition per env per step."""
     thunks = [make_env(env_id, seed + i, i, False, run_name) for i in range(num_envs)]
     mode = gym.vector.AutoresetMode.SAME_STEP
     if async_envs:

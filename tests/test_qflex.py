@@ -1,11 +1,14 @@
-"""Tests for algos/qflex.py: Proposition 1 and the sampler/loss maths (qflex.md §8), BatchRenorm (§2.1), and runs.
+"""Tests for algos/qflex.py: Proposition 1 of the paper and the sampler/loss maths, BatchRenorm, the three update
+steps on a tiny fixed problem, and script runs.
 
-The pure functions are imported from the script itself (it is not a package module, so it is loaded by path).
+The functions are imported from the script itself (it is not a package module, so it is loaded by path).
 """
 
+import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,8 +169,11 @@ def test_eval_mode_gradients_are_per_sample():
 # ---------------------------------------------------------------------------------------------------- BatchRenorm
 
 
+BRN = qflex.BRN_HAIKU
+
+
 def brn_reference(x, running_mean, running_var, eps=1e-5, r_max=3.0, d_max=5.0):
-    """§2.1 train-mode output with gamma = 1, beta = 0, written from the formulas."""
+    """Train-mode output with gamma = 1, beta = 0, written from the reference's formulas."""
     mu = x.mean(0)
     var = (x.pow(2).mean(0) - mu.pow(2)).clamp_min(eps)
     r = (torch.sqrt(var + eps) / torch.sqrt(running_var + eps)).clamp(1 / r_max, r_max)
@@ -176,32 +182,42 @@ def brn_reference(x, running_mean, running_var, eps=1e-5, r_max=3.0, d_max=5.0):
     return (x - mean_tilde) / torch.sqrt(var / r**2 + eps), r, d
 
 
+def test_batchrenorm_flavour_is_the_references():
+    # relax/network/blocks.py: decay 0.99, eps 1e-5, r_max 3, d_max 5, 10 warm-up calls, zero-debiased EMAs
+    assert BRN == dict(momentum=0.99, eps=1e-5, r_max=3.0, d_max=5.0, warmup=10, debias=True)
+    nets = (qflex.Actor(3, 2, 16, 2), qflex.QNetwork(3, 2, 16, 2), qflex.VelocityField(3, 2, 16, 2))
+    layers = [m for net in nets for m in net.modules() if isinstance(m, qflex.BatchRenorm)]
+    assert len(layers) == 3 * 3  # input + one per hidden layer, in each network
+    for m in layers:
+        assert (m.momentum, m.eps, m.r_max, m.d_max, m.warmup, m.debias) == tuple(BRN.values())
+
+
 def test_batchrenorm_warmup_is_batchnorm_and_first_ema_is_the_batch():
     torch.manual_seed(4)
-    # float64: E[x^2] - E[x]^2 (the reference's variance) loses digits in float32 when |mean| >> std
-    brn = qflex.BatchRenorm(5).double().train()
+    brn = qflex.BatchRenorm(5, **BRN).double().train()
     x = (torch.randn(128, 5) * torch.tensor([0.1, 1, 3, 10, 100]) + torch.tensor([5.0, -2, 0, 1, 50])).double()
     y = brn(x)
     torch.testing.assert_close(y, F.batch_norm(x, None, None, training=True, eps=1e-5))
     torch.testing.assert_close(brn.running_mean, x.mean(0))
     torch.testing.assert_close(brn.running_var, x.var(0, unbiased=False))
-    assert brn.num_batches.item() == 1
+    assert brn.num_batches_tracked.item() == 1
     means = [x.mean(0)]
-    for call in range(2, qflex.BRN_WARMUP + 1):  # calls 2..W are still plain batch norm, whatever the drift
+    for call in range(2, BRN["warmup"] + 1):  # calls 2..W are still plain batch norm, whatever the drift
         x = torch.randn(128, 5, dtype=torch.float64) * (call**2) + 10 * call
         means.append(x.mean(0))
         torch.testing.assert_close(brn(x), F.batch_norm(x, None, None, training=True, eps=1e-5))
     # zero-debiased EMA: hidden h = sum_k (1 - rho) rho^(n-k) mu_k, running value h / (1 - rho^n)
-    n, rho = qflex.BRN_WARMUP, qflex.BRN_MOMENTUM
+    n, rho = BRN["warmup"], BRN["momentum"]
     hidden = sum((1 - rho) * rho ** (n - k) * mu for k, mu in enumerate(means, start=1))
-    torch.testing.assert_close(brn.running_mean, hidden / (1 - rho**n))
-    assert brn.num_batches.item() == n
+    # the debiased EMA is updated in place with a float32 weight (`ema_weight`), hence the tolerance
+    torch.testing.assert_close(brn.running_mean, hidden / (1 - rho**n), rtol=1e-6, atol=1e-6)
+    assert brn.num_batches_tracked.item() == n
 
 
 def test_batchrenorm_r_and_d_follow_the_formulas_with_clipping():
     torch.manual_seed(5)
-    brn = qflex.BatchRenorm(3).train()
-    for _ in range(qflex.BRN_WARMUP):
+    brn = qflex.BatchRenorm(3, **BRN).train()
+    for _ in range(BRN["warmup"]):
         brn(torch.randn(256, 3))
     # feature 0: far shift and wide spread (r and d clipped); 1: mild (unclipped); 2: narrow (r clipped below)
     x = torch.randn(256, 3) * torch.tensor([10.0, 1.2, 0.05]) + torch.tensor([20.0, 0.3, 0.0])
@@ -221,8 +237,8 @@ def test_batchrenorm_r_and_d_follow_the_formulas_with_clipping():
     (grad_ref,) = torch.autograd.grad((y_ref * weights).sum(), x_ref)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-5)
     # the EMA then moves by (1 - rho) of the way, debiased by 1 - rho^(W + 1)
-    n = qflex.BRN_WARMUP + 1
-    rho = qflex.BRN_MOMENTUM
+    n = BRN["warmup"] + 1
+    rho = BRN["momentum"]
     hidden_mean = m * (1 - rho ** (n - 1))  # the previous debiased value times its debias factor
     torch.testing.assert_close(
         brn.running_mean, (rho * hidden_mean + (1 - rho) * x.detach().mean(0)) / (1 - rho**n), rtol=1e-5, atol=1e-5
@@ -231,7 +247,7 @@ def test_batchrenorm_r_and_d_follow_the_formulas_with_clipping():
 
 def test_batchrenorm_eval_uses_running_stats_and_changes_nothing():
     torch.manual_seed(6)
-    brn = qflex.BatchRenorm(4)
+    brn = qflex.BatchRenorm(4, **BRN)
     with torch.no_grad():
         brn.weight.copy_(torch.tensor([1.0, 2.0, 0.5, -1.0]))
         brn.bias.copy_(torch.tensor([0.0, 1.0, -1.0, 3.0]))
@@ -247,6 +263,129 @@ def test_batchrenorm_eval_uses_running_stats_and_changes_nothing():
     torch.testing.assert_close(brn(x[:1]), y[:1])  # rows are independent
     for key, value in brn.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+# ---------------------------------------------------------------------------------------------------- update steps
+
+
+def tiny_problem(flow=True):
+    """Networks, optimisers and one batch of a 3-d observation, 2-d action problem, seeded."""
+    torch.manual_seed(7)
+    net = dict(hidden_dim=16, num_layers=2)
+    p = dict(actor=qflex.Actor(3, 2, **net), qf1=qflex.QNetwork(3, 2, **net), qf2=qflex.QNetwork(3, 2, **net),
+             velocity=qflex.VelocityField(3, 2, **net))  # fmt: skip
+    p["qf1_bar"], p["qf2_bar"] = (copy.deepcopy(p[k]).requires_grad_(False) for k in ("qf1", "qf2"))
+    adam = dict(lr=1e-2, betas=(0.5, 0.999))
+    p["q_optimizer"] = torch.optim.Adam([*p["qf1"].parameters(), *p["qf2"].parameters()], **adam)
+    p["actor_optimizer"] = torch.optim.Adam(p["actor"].parameters(), **adam)
+    p["flow_optimizer"] = torch.optim.Adam(p["velocity"].parameters(), **adam)
+    batch = qflex.Batch(obs=torch.randn(16, 3), actions=torch.rand(16, 2) * 2 - 1, rewards=torch.randn(16),
+                        next_obs=torch.randn(16, 3), terminations=(torch.arange(16) % 4 == 0).float())  # fmt: skip
+    args = qflex.resolve_preset(qflex.Args(flow=flow, flow_steps=3, euler_steps=3, flow_step_size=0.1))
+    return p, batch, torch.randn(16, 2), args
+
+
+def snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def same_state(module, before) -> bool:
+    return all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+def critic_step(p, batch, noise, args):
+    keys = ("actor", "qf1", "qf2", "qf1_bar", "qf2_bar", "q_optimizer")
+    return qflex.critic_step(batch, noise, *(p[k] for k in keys), args)
+
+
+def test_critic_step_trains_the_critics_on_one_joint_pass_and_fills_phi_bar():
+    p, batch, noise, args = tiny_problem()
+    before = {k: snapshot(p[k]) for k in ("actor", "velocity", "qf1")}
+    references = [copy.deepcopy(p[k]).train() for k in ("qf1", "qf2")]  # the pre-step critics
+    logs = critic_step(p, batch, noise, args)
+    assert set(logs) == {"losses/qf1_values", "losses/qf2_values", "losses/qf1_loss", "losses/qf2_loss", "losses/qf_loss"}
+    # what the step must compute: a' a source action (BatchRenorm eval), one train-mode pass over [s; s'], y from it
+    next_actions = p["actor"].eval().sample(batch.next_obs, noise)
+    joint_obs, joint_actions = torch.cat([batch.obs, batch.next_obs]), torch.cat([batch.actions, next_actions])
+    (q1, q1_next), (q2, q2_next) = (critic(joint_obs, joint_actions).chunk(2) for critic in references)
+    y = batch.rewards + 0.99 * (1 - batch.terminations) * torch.minimum(q1_next, q2_next)
+    torch.testing.assert_close(logs["losses/qf1_loss"], F.mse_loss(q1, y).detach())
+    torch.testing.assert_close(logs["losses/qf2_loss"], F.mse_loss(q2, y).detach())
+    torch.testing.assert_close(logs["losses/qf1_values"], q1.detach().mean())
+    # the actor and the velocity field are untouched (the actor only ran in eval mode, with no gradient)
+    assert same_state(p["actor"], before["actor"]) and same_state(p["velocity"], before["velocity"])
+    assert all(param.grad is None for param in p["actor"].parameters())
+    # phi-bar: the pre-step weights with the post-pass BatchRenorm statistics
+    bar, online = p["qf1_bar"].state_dict(), p["qf1"].state_dict()
+    for name, value in bar.items():
+        stat = name.split(".")[-1] in ("running_mean", "running_var", "num_batches_tracked")
+        expected = online[name] if stat else before["qf1"][name]
+        assert torch.equal(value, expected), name
+    assert not torch.equal(online["head.weight"], before["qf1"]["head.weight"])  # the step moved the weights
+    assert p["qf1"].trunk[0].num_batches_tracked.item() == 1  # one train-mode pass per update
+
+
+def test_actor_step_trains_only_the_source_policy():
+    p, batch, noise, args = tiny_problem()
+    critic_step(p, batch, noise, args)
+    critics = ("qf1", "qf2", "qf1_bar", "qf2_bar", "velocity")
+    before = {k: snapshot(p[k]) for k in ("actor", *critics)}
+    grads = [param.grad.clone() for param in p["qf1"].parameters()]
+    expected = copy.deepcopy(p["actor"]).train()
+    expected_loss = -qflex.q_min_bar(p["qf1_bar"], p["qf2_bar"], batch.obs, expected.sample(batch.obs, noise)).mean()
+    logs = qflex.actor_step(batch, noise, p["actor"], p["qf1_bar"], p["qf2_bar"], p["actor_optimizer"])
+    assert set(logs) == {"losses/actor_loss"}
+    torch.testing.assert_close(logs["losses/actor_loss"], expected_loss.detach())
+    assert all(same_state(p[k], before[k]) for k in critics)  # critics, phi-bar (BatchRenorm eval) and velocity
+    assert all(torch.equal(param.grad, g) for param, g in zip(p["qf1"].parameters(), grads, strict=True))
+    assert all(param.grad is None for k in ("qf1_bar", "qf2_bar") for param in p[k].parameters())
+    assert not same_state(p["actor"], before["actor"])
+    assert p["actor"].trunk[0].num_batches_tracked.item() == 1  # policy BatchRenorm in train mode
+
+
+def test_flow_step_trains_only_the_velocity_field_towards_the_q_ascent_target():
+    p, batch, noise, args = tiny_problem()
+    critic_step(p, batch, noise, args)
+    qflex.actor_step(batch, noise, p["actor"], p["qf1_bar"], p["qf2_bar"], p["actor_optimizer"])
+    others = ("actor", "qf1", "qf2", "qf1_bar", "qf2_bar")
+    before = {k: snapshot(p[k]) for k in (*others, "velocity")}
+    t = torch.rand(16)
+    keys = ("actor", "velocity", "qf1_bar", "qf2_bar", "flow_optimizer")
+    logs, (a0, a1) = qflex.flow_step(batch, noise, t, *(p[k] for k in keys), args)
+    assert set(logs) == {"losses/flow_loss", "flow/grad_norm"}
+    # a0: the post-update source policy on s' (eval); a1: N truncated ascent steps on min_j Q(s', .; phi-bar)
+    torch.testing.assert_close(a0, p["actor"].eval().sample(batch.next_obs, noise))
+
+    def q_fn(obs, actions):
+        return qflex.q_min_bar(p["qf1_bar"], p["qf2_bar"], obs, actions)
+
+    torch.testing.assert_close(a1, qflex.q_guided_flow(q_fn, batch.next_obs, a0, 3, 0.1))
+    assert all(same_state(p[k], before[k]) for k in others)
+    assert not same_state(p["velocity"], before["velocity"])
+    assert p["velocity"].trunk[0].num_batches_tracked.item() == 1  # velocity BatchRenorm in train mode
+
+
+@pytest.mark.parametrize("flow", [True, False])
+def test_flow_diagnostics_draw_no_random_numbers_and_change_nothing(flow):
+    p, batch, noise, args = tiny_problem(flow)
+    critic_step(p, batch, noise, args)
+    flow_pair = None
+    if flow:
+        keys = ("actor", "velocity", "qf1_bar", "qf2_bar", "flow_optimizer")
+        _, flow_pair = qflex.flow_step(batch, noise, torch.rand(16), *(p[k] for k in keys), args)
+    before = {k: snapshot(p[k]) for k in ("actor", "velocity", "qf1_bar", "qf2_bar")}
+    rng = torch.get_rng_state()
+    actions = np.array([[0.5, -1.5], [0.2, 0.1]], dtype=np.float32)
+    keys = ("actor", "velocity", "qf1_bar", "qf2_bar")
+    logs = qflex.flow_diagnostics(batch, noise, flow_pair, actions, *(p[k] for k in keys), args)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(same_state(p[k], before[k]) for k in before)
+    flow_keys = {"flow/superiority_ratio", "flow/q_gain", "flow/displacement", "flow/displacement_max"}
+    assert set(logs) == {"flow/source_log_std", "charts/action_abs_max"} | (flow_keys if flow else set())
+    assert logs["charts/action_abs_max"].item() == pytest.approx((1.5 + 0.2) / 2)
+    if flow:
+        assert 0.0 <= logs["flow/superiority_ratio"].item() <= 1.0
+        torch.testing.assert_close(logs["flow/displacement"], (flow_pair[1] - flow_pair[0]).norm(dim=-1).mean())
 
 
 # ----------------------------------------------------------------------------------------------------- full runs
@@ -305,8 +444,12 @@ def test_smoke_chainreach16_and_resume(tmp_path):
     first = json.loads((run_dir / "final_eval.json").read_text())
     assert first["global_step"] == 200 and first["num_updates"] == (200 - 64) // 2 + 1
     checkpoint = tmp_path / "models" / run_dir.name / "checkpoint.pt"
-    # override flags are taken from the command line, defaults included (sac.py's RESUME_OVERRIDES), so repeat them
-    proc = run_algo("qflex", "--resume", str(checkpoint), "--total-timesteps", "300", "--log-every", "10", cwd=tmp_path)
+    checkpoint_keys = set(torch.load(checkpoint, weights_only=False))
+    assert {"actor", "qf1", "qf2", "velocity", "q_optimizer", "actor_optimizer", "flow_optimizer", "update_generator",
+            "replay_buffer", "num_updates"} <= checkpoint_keys  # fmt: skip
+    assert not any(key.endswith("_bar") for key in checkpoint_keys)  # phi-bar is rebuilt by every critic step
+    # every other flag (the log period, --save-model, ...) comes from the checkpoint
+    proc = run_algo("qflex", "--resume", str(checkpoint), "--total-timesteps", "300", cwd=tmp_path)
     assert run_dirs(tmp_path) == [run_dir], proc.stdout  # the resumed run writes into the same run directory
     second = json.loads((run_dir / "final_eval.json").read_text())
     # the buffer came back with the checkpoint, so updates resume at once: one per vector step, 50 more
@@ -330,20 +473,22 @@ def test_no_flow_acts_with_source_actions(tmp_path):
 
 
 def test_bad_arguments_fail_in_one_line(tmp_path):
-    proc = run_algo("qflex", "--env-id", "ChainReach4-v0", "--tau", "0.005", cwd=tmp_path, check=False)
-    assert_one_line_error(proc, "--tau must be 1")
+    proc = run_algo("qflex", "--env-id", "ChainReach4-v0", "--flow-steps", "-1", cwd=tmp_path, check=False)
+    assert_one_line_error(proc, "--flow-steps must be >= 0, got -1")
     assert proc.stdout.strip().count("\n") == 0
+    assert not (tmp_path / "runs").exists()  # validation happens before anything is written
+    assert "tau" not in vars(qflex.Args())  # no target network, so no smoothing coefficient
 
 
 def test_load_checkpoint_rejects_missing_and_foreign_files(tmp_path):
     with pytest.raises(ValueError, match="checkpoint not found"):
-        qflex.load_checkpoint(str(tmp_path / "missing.pt"))
+        qflex.load_checkpoint(str(tmp_path / "missing.pt"), "qflex")
     torch.save({"algo": "sac"}, tmp_path / "sac.pt")
     with pytest.raises(ValueError, match="is not a qflex.py checkpoint"):
-        qflex.load_checkpoint(str(tmp_path / "sac.pt"))
+        qflex.load_checkpoint(str(tmp_path / "sac.pt"), "qflex")
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="cannot read checkpoint"):
-        qflex.load_checkpoint(str(tmp_path / "junk.pt"))
+        qflex.load_checkpoint(str(tmp_path / "junk.pt"), "qflex")
 
 
 @pytest.mark.parametrize(
