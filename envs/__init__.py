@@ -253,14 +253,22 @@ def make_envs(
     capture_video: bool = False,
     video_every: int = 1,
     eval_seed: int | None = None,
+    env_workers: int = 0,
 ):
     """The training vector env (env i seeded seed + i) and one evaluation env (seeded `eval_seed`, videos if asked).
+
+    ``env_workers=W > 0`` steps the training envs in an ``envs.pool.EnvPool`` of W processes (same outputs, bit for bit).
 
     Any failure to build them (a user env whose constructor raises, a discrete or unbounded action space) comes out
     as one EnvIdError with a one-line message, so scripts report it without a traceback.
     """
     try:
-        envs = make_vector_env(env_id, num_envs, seed, async_envs, run_name)
+        if env_workers > 0:
+            from envs.pool import EnvPool  # lazy: envs.pool imports this module
+
+            envs = EnvPool(env_id, num_envs, seed, env_workers, run_name)
+        else:
+            envs = make_vector_env(env_id, num_envs, seed, async_envs, run_name)
         eval_seed = seed if eval_seed is None else eval_seed
         eval_env = make_env(env_id, eval_seed, 0, capture_video, run_name, video_every=video_every)()
     except EnvIdError:
