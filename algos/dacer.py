@@ -16,7 +16,6 @@ import os
 import random
 import sys
 import time
-import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -30,7 +29,8 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from envs import EnvIdError, check_env_id, evaluate, make_envs, split_vector_step
+from envs import EnvError, NonFiniteGuard, check_env_id, evaluate, make_envs, split_vector_step
+from envs.state import restore_vector_env_state, vector_env_state
 
 
 @dataclass
@@ -71,7 +71,10 @@ class Args:
     num_envs: int | None = None
     """number of parallel envs E (default: the preset's)"""
     async_envs: bool = False
-    """use gymnasium's AsyncVectorEnv (subprocesses) instead of SyncVectorEnv"""
+    """use gymnasium's AsyncVectorEnv (one subprocess per env) instead of SyncVectorEnv"""
+    env_workers: int | None = None
+    """worker processes that step the envs through shared memory, with the same transitions bit for bit (0: step them
+    in this process; default: one per core, at most num_envs, when num_envs >= 8, else 0)"""
     buffer_size: int = 1_000_000
     """the replay memory buffer size (transitions)"""
     gamma: float = 0.99
@@ -367,30 +370,251 @@ def distributional_critic_loss(
     return -(std_ema.pow(2) + eps_c) * (mean_term + std_term).mean()
 
 
-def gmm_entropy(samples: np.ndarray, n_components: int = 3, covariance_type: str = "full") -> float:
-    """Entropy of a GaussianMixture fitted to samples [S, d], as the paper computes it:
-    -sum_k w_k log w_k + sum_k w_k [d/2 (1 + log 2 pi) + 1/2 log det Sigma_k] (an upper bound of the mixture entropy)."""
-    from sklearn.exceptions import ConvergenceWarning  # lazy: only alpha steps need scikit-learn (seconds to import)
-    from sklearn.mixture import GaussianMixture
+GMM_CHECK_EVERY = 5  # k-means / EM iterations between convergence checks (the fits' only host syncs) off the CPU
+GMM_CPU_CHUNK = 32  # states fitted together on the CPU (their temporaries stay in cache; measured at d = 80)
 
-    d = samples.shape[1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        gmm = GaussianMixture(n_components, covariance_type=covariance_type, reg_covar=1e-6, random_state=42)
-        gmm.fit(np.asarray(samples, dtype=np.float64))
+
+def syncs_are_free(device: torch.device) -> bool:
+    """Whether reading a device value on the host costs nothing (the CPU): the GMM fits then check convergence on
+    every iteration, skip the empty-cluster step when no cluster is empty and fit GMM_CPU_CHUNK states at a time."""
+    return device.type == "cpu"
+
+
+def kmeans_plusplus_draws(n_samples: int, n_clusters: int) -> tuple[int, np.ndarray]:
+    """The random numbers scikit-learn's k-means++ draws from RandomState(42) (GaussianMixture(random_state=42)'s
+    'kmeans' init): the first center's index, then n_local_trials = 2 + int(log K) uniforms per further center.
+    They do not depend on the data, so one set serves every state of a batch."""
+    rng = np.random.RandomState(42)
+    first = int(rng.choice(n_samples, p=np.ones(n_samples) / n_samples))
+    n_local_trials = 2 + int(np.log(n_clusters))
+    return first, np.array([rng.uniform(size=n_local_trials) for _ in range(n_clusters - 1)]).reshape(-1, n_local_trials)
+
+
+def squared_distances(points: torch.Tensor, X: torch.Tensor, x_sq: torch.Tensor) -> torch.Tensor:
+    """max(||p||^2 - 2 p.x + ||x||^2, 0) of points [B, P, d] to X [B, S, d] (x_sq = ||x||^2), as [B, P, S]."""
+    return (-2.0 * points @ X.mT + points.square().sum(-1, keepdim=True) + x_sq[:, None]).clamp(min=0.0)
+
+
+def relocate_empty_clusters(X: torch.Tensor, labels, dist, sums, counts) -> None:
+    """scikit-learn's `_relocate_empty_clusters_dense`, in place on the label sums [B, K, d] and counts [B, K]: the
+    j-th empty cluster of a state takes its j-th farthest point (dist [B, S]: squared distance to its center), which
+    leaves its cluster; nothing moves where all distances are 0."""
+    rows, K = torch.arange(len(X), device=X.device), counts.shape[1]
+    farthest = dist.topk(K, dim=-1).indices  # farthest first
+    empty = (counts == 0) & (dist.amax(-1) > 0)[:, None]
+    rank = (counts == 0).long().cumsum(-1) - 1
+    for j in range(K):  # cluster by cluster, as scikit-learn
+        far = farthest[rows, rank[:, j].clamp(min=0)]
+        move, x_far, old = empty[:, j], X[rows, far], labels[rows, far]
+        sums[rows, old] -= move[:, None] * x_far
+        counts[rows, old] -= move.to(X.dtype)
+        sums[:, j] = torch.where(move[:, None], x_far, sums[:, j])
+        counts[:, j] = torch.where(move, 1.0, counts[:, j])
+
+
+def lloyd_step(X: torch.Tensor, Xt: torch.Tensor, x_sq: torch.Tensor, centers: torch.Tensor):
+    """One iteration of scikit-learn's `lloyd_iter_chunked_dense` on every state (X [B, S, d], Xt = X^T): labels
+    [B, S] of the nearest of `centers` [B, K, d], the new centers (label means; an empty cluster takes the point
+    farthest from its center, `_relocate_empty_clusters_dense`) and the squared centre shift [B]."""
+    rows, K = torch.arange(len(X), device=X.device), centers.shape[1]
+    scores = centers.square().sum(-1)[:, None] - 2.0 * X @ centers.mT  # [B, S, K], + ||x||^2 = squared distance
+    min_score, labels = scores.min(-1)  # the first of equal minima, as scikit-learn's strict `<`
+    one_hot = F.one_hot(labels, K).to(X.dtype)
+    sums, counts = (Xt @ one_hot).mT, one_hot.sum(1)
+    if not syncs_are_free(X.device) or bool((counts == 0).any()):  # a no-op unless a cluster is empty
+        relocate_empty_clusters(X, labels, min_score + x_sq, sums, counts)
+    means = sums * (1.0 / counts)[..., None]
+    # `_average_centers`: a still-empty cluster copies the biggest one, averaged only if that one comes before it
+    biggest = counts.argmax(-1)
+    earlier = biggest[:, None, None] < torch.arange(K, device=X.device)[:, None]
+    copy = torch.where(earlier, means[rows, biggest][:, None], sums[rows, biggest][:, None])
+    new_centers = torch.where((counts > 0)[..., None], means, copy)
+    shift = (new_centers - centers).square().sum(-1).sqrt()
+    return labels, new_centers, shift.square().sum(-1)
+
+
+def kmeans_labels(X: torch.Tensor, n_clusters: int, max_iter: int = 300, tol: float = 1e-4, check_every=None):
+    """scikit-learn's KMeans(n_clusters, n_init=1, random_state=42).fit(x).labels_ for every state x = X[b] [S, d] at
+    once: k-means++ seeding with `kmeans_plusplus_draws`, then Lloyd iterations until the labels repeat or the squared
+    centre shift is <= tol * mean per-feature variance (then one more labelling), at most max_iter."""
+    B, S, _ = X.shape
+    X = X - X.mean(1, keepdim=True)  # as KMeans.fit does
+    x_sq, rows = X.square().sum(-1), torch.arange(B, device=X.device)
+    first, uniforms = kmeans_plusplus_draws(S, n_clusters)
+    centers, closest = [X[:, first]], squared_distances(X[:, first : first + 1], X, x_sq)[:, 0]
+    pot = closest.sum(-1)
+    for u in torch.as_tensor(uniforms, dtype=X.dtype, device=X.device):
+        candidates = torch.searchsorted(closest.cumsum(-1), u * pot[:, None]).clamp(max=S - 1)
+        dist = torch.minimum(closest[:, None], squared_distances(X[rows[:, None], candidates], X, x_sq))
+        pots = dist.sum(-1)
+        best = pots.argmin(-1)
+        pot, closest = pots[rows, best], dist[rows, best]
+        centers.append(X[rows, candidates[rows, best]])
+    ones = torch.ones(B, dtype=torch.bool, device=X.device)
+    state = dict(idx=rows, X=X, Xt=X.mT.contiguous(), x_sq=x_sq, tol=x_sq.mean(-1) / X.shape[-1] * tol,
+                 centers=torch.stack(centers, 1), labels=torch.full((B, S), -1, device=X.device), strict=~ones,
+                 active=ones)  # fmt: skip
+    out = torch.empty((B, S), dtype=torch.long, device=X.device)
+
+    def finish(s, done):
+        X, centers = s["X"][done], s["centers"][done]
+        relabelled = (centers.square().sum(-1)[:, None] - 2.0 * X @ centers.mT).argmin(-1)  # the final labelling
+        out[s["idx"][done]] = torch.where(s["strict"][done, None], s["labels"][done], relabelled)
+
+    def step(s):
+        labels, centers, shift = lloyd_step(s["X"], s["Xt"], s["x_sq"], s["centers"])
+        strict, active = (labels == s["labels"]).all(-1), s["active"]
+        s["centers"] = torch.where(active[:, None, None], centers, s["centers"])
+        s["labels"] = torch.where(active[:, None], labels, s["labels"])
+        s["strict"] = torch.where(active, strict, s["strict"])
+        s["active"] = active & ~strict & (shift > s["tol"])
+
+    iterate_batched(state, step, finish, max_iter, check_every)
+    return out
+
+
+def iterate_batched(state: dict, step, finish, max_iter: int, check_every=None) -> None:
+    """Run step(state) up to max_iter times on the rows [b, ...] of the tensors of `state`; step must leave the rows
+    with active = False unchanged. Every check_every iterations (every iteration where `syncs_are_free`) the batch
+    sheds its inactive rows through finish(state, done) once they are 1/8 of it; at the end all go."""
+    check_every = check_every or (1 if syncs_are_free(state["active"].device) else GMM_CHECK_EVERY)
+    for it in range(1, max_iter + 1):
+        step(state)
+        if it % check_every == 0 and it < max_iter:
+            done = ~state["active"]
+            n_done = int(done.sum())  # one host sync
+            if n_done == len(done):
+                break
+            if 8 * n_done >= len(done):
+                finish(state, done)
+                for key, value in state.items():
+                    state[key] = value[~done]
+    finish(state, torch.ones_like(state["active"]))
+
+
+def gaussian_parameters(data: torch.Tensor, resp: torch.Tensor, reg_covar: float, covariance_type: str):
+    """scikit-learn's `_estimate_gaussian_parameters` for every state from responsibilities resp [B, S, K] and the
+    samples, data = X [B, S, d] ('full') or [X, X^2] [B, S, 2d] ('diag'): nk = sum resp + 10 eps
+    [B, K], means [B, K, d] and covariances + reg_covar on the diagonal, [B, K, d, d] ('full', from the centred
+    samples) or [B, K, d] ('diag', E[x^2] - mean^2)."""
+    nk = resp.sum(1) + 10 * torch.finfo(resp.dtype).eps
+    moments = resp.mT @ data / nk[..., None]
     if covariance_type == "full":
-        log_dets = np.array([np.linalg.slogdet(cov)[1] for cov in gmm.covariances_])
+        B, S, d = data.shape
+        diff = data[:, None] - moments[:, :, None]  # [B, K, S, d], times sqrt(resp): sum_i r_i diff_i diff_i^T
+        diff *= resp.mT.sqrt()[..., None]
+        diff = diff.view(-1, S, d)
+        covariances = torch.bmm(diff.mT, diff).view(B, -1, d, d) / nk[..., None, None]
+        covariances.diagonal(dim1=-2, dim2=-1).add_(reg_covar)
+        return nk, moments, covariances
+    means, mean_squares = moments.chunk(2, dim=-1)
+    return nk, means, mean_squares - means.square() + reg_covar
+
+
+def covariance_cholesky(covariances: torch.Tensor, covariance_type: str):
+    """Lower Cholesky factors of the covariances (their square roots for 'diag') and whether all exist [B] (where
+    scikit-learn raises 'ill-defined empirical covariance')."""
+    if covariance_type == "full":
+        chol, info = torch.linalg.cholesky_ex(covariances)
+        return chol, (info == 0).all(-1)
+    return covariances.sqrt(), (covariances > 0).flatten(1).all(-1)
+
+
+def gmm_log_resp(data: torch.Tensor, weights, means, chol, covariance_type: str):
+    """E step: log responsibilities [B, S, K] and the mean log-likelihood [B] (scikit-learn's lower bound) of the
+    samples under the mixture log w_k + log N(x | mu_k, Sigma_k), with scikit-learn's formulas: ||(x - mu) P||^2 with
+    the precision's Cholesky factor P = L^-T ('full', data = X), or sum (mu^2 - 2 mu x + x^2) / sigma^2 ('diag',
+    data = [X, X^2]); chol from `covariance_cholesky`."""
+    B, K, d = means.shape
+    if covariance_type == "full":
+        eye = torch.eye(d, dtype=data.dtype, device=data.device)
+        inverse = torch.linalg.solve_triangular(chol, eye, upper=False)  # L^-1, so P = L^-T
+        y = data[:, None] @ inverse.mT - (inverse @ means[..., None]).mT  # [B, K, S, d]
+        log_prob = y.square().sum(-1).mT
+        log_det = -chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     else:
-        log_dets = np.log(gmm.covariances_).sum(-1)
-    weights = gmm.weights_
-    weight_entropy = -np.sum(np.where(weights > 0, weights * np.log(np.where(weights > 0, weights, 1.0)), 0.0))
-    return float(weight_entropy + np.sum(weights * (0.5 * d * (1.0 + math.log(2 * math.pi)) + 0.5 * log_dets)))
+        precisions = chol.reciprocal().square()
+        coefficients = torch.cat([-2.0 * means * precisions, precisions], -1)  # [B, K, 2d]
+        log_prob = (means.square() * precisions).sum(-1)[:, None] + data @ coefficients.mT
+        log_det = -chol.log().sum(-1)
+    weighted = -0.5 * (d * math.log(2 * math.pi) + log_prob) + (log_det + weights.log())[:, None]
+    log_norm = weighted.logsumexp(-1)
+    return weighted - log_norm[..., None], log_norm.mean(-1)
 
 
-def estimate_entropy(actions: np.ndarray, n_components: int = 3, estimator: str = "gmm-full") -> float:
-    """Mean over states of the GMM entropy of actions [B, S, d] (S policy samples per state)."""
+class GaussianMixtureFit(NamedTuple):
+    """Fitted mixtures of B states: weights [B, K], means [B, K, d], covariances [B, K, d, d] ('full') or [B, K, d]
+    ('diag'), their Cholesky factors (square roots for 'diag') and ok [B] (False: a covariance had no Cholesky factor,
+    where scikit-learn raises)."""
+
+    weights: torch.Tensor
+    means: torch.Tensor
+    covariances: torch.Tensor
+    chol: torch.Tensor
+    ok: torch.Tensor
+
+
+def fit_gmm(X: torch.Tensor, n_components: int, covariance_type: str = "full", reg_covar: float = 1e-6,
+            tol: float = 1e-3, max_iter: int = 100, check_every=None) -> GaussianMixtureFit:  # fmt: skip
+    """scikit-learn's GaussianMixture(n_components, covariance_type, reg_covar, tol, max_iter, random_state=42).fit(x)
+    for every state x = X[b] [S, d] at once, on X's device and in its dtype: responsibilities from `kmeans_labels`,
+    then E and M steps until the mean log-likelihood changes by less than tol (each state on its own) or max_iter."""
+    B, S, _ = X.shape
+    resp = F.one_hot(kmeans_labels(X, n_components, check_every=check_every), n_components).to(X.dtype)
+    data = X if covariance_type == "full" else torch.cat([X, X.square()], -1)
+    nk, means, covariances = gaussian_parameters(data, resp, reg_covar, covariance_type)
+    chol, ok = covariance_cholesky(covariances, covariance_type)
+    state = dict(idx=torch.arange(B, device=X.device), data=data, resp=resp, weights=nk / S, means=means,
+                 covariances=covariances, chol=chol, lower_bound=torch.full((B,), -math.inf, dtype=X.dtype,
+                 device=X.device), ok=ok, active=ok.clone())  # fmt: skip
+    out = {key: torch.empty_like(state[key]) for key in GaussianMixtureFit._fields}
+
+    def finish(s, done):
+        for key, value in out.items():
+            value[s["idx"][done]] = s[key][done]
+
+    def step(s):
+        log_resp, lower_bound = gmm_log_resp(s["data"], s["weights"], s["means"], s["chol"], covariance_type)
+        resp = log_resp.exp()
+        nk, means, covariances = gaussian_parameters(s["data"], resp, reg_covar, covariance_type)
+        chol, ok = covariance_cholesky(covariances, covariance_type)
+        active, converged = s["active"], (lower_bound - s["lower_bound"]).abs() < tol
+        # Responsibilities equal to the last ones give the same parameters again, so scikit-learn's next iteration
+        # would repeat this log-likelihood and stop: the row is done now, with these parameters.
+        repeated = (resp == s["resp"]).flatten(1).all(-1)
+        for key, value in dict(resp=resp, weights=nk / nk.sum(-1, keepdim=True), means=means, covariances=covariances,
+                               chol=chol, lower_bound=lower_bound).items():  # fmt: skip
+            s[key] = torch.where(active.view(-1, *[1] * (value.dim() - 1)), value, s[key])
+        s["ok"] = s["ok"] & (ok | ~active)
+        s["active"] = active & s["ok"] & ~converged & ~repeated
+
+    iterate_batched(state, step, finish, max_iter, check_every)
+    return GaussianMixtureFit(**out)
+
+
+def gmm_entropy(samples: torch.Tensor, n_components: int = 3, covariance_type: str = "full", check_every=None):
+    """Entropy [B] of the mixture `fit_gmm` fits to each state's samples [B, S, d] (in float64), as the paper computes
+    it: -sum_k w_k log w_k + sum_k w_k [d/2 (1 + log 2 pi) + 1/2 log det Sigma_k] (an upper bound of the mixture
+    entropy); NaN where the fit failed."""
+    X = samples.to(torch.float64)
+    if syncs_are_free(X.device) and len(X) > GMM_CPU_CHUNK:  # in cache-sized groups of states
+        parts = [gmm_entropy(part, n_components, covariance_type, check_every) for part in X.split(GMM_CPU_CHUNK)]
+        return torch.cat(parts)
+    fit = fit_gmm(X, n_components, covariance_type, check_every=check_every)
+    if covariance_type == "full":  # log det Sigma = 2 sum log diag L
+        log_dets = 2.0 * fit.chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    else:
+        log_dets = fit.covariances.log().sum(-1)
+    w, d = fit.weights, samples.shape[-1]
+    entropy = -torch.xlogy(w, w).sum(-1) + (w * (0.5 * d * (1.0 + math.log(2 * math.pi)) + 0.5 * log_dets)).sum(-1)
+    return torch.where(fit.ok, entropy, math.nan)
+
+
+def estimate_entropy(actions, n_components: int = 3, estimator: str = "gmm-full") -> torch.Tensor:
+    """Mean over states of the GMM entropy (`gmm_entropy`) of actions [B, S, d] (S policy samples per state), a
+    float64 scalar on their device."""
     covariance_type = {"gmm-full": "full", "gmm-diag": "diag"}[estimator]
-    return float(np.mean([gmm_entropy(state_actions, n_components, covariance_type) for state_actions in actions]))
+    return gmm_entropy(torch.as_tensor(actions), n_components, covariance_type).mean()
 
 
 def linear_lr(step: int, lr: float, lr_end: float, begin: int, steps: int) -> float:
@@ -467,8 +691,8 @@ def alpha_step(obs, noise: ChainNoise, actor, log_alpha, a_optimizer, noise_std,
         rows = obs.repeat_interleave(args.entropy_samples, dim=0)
         parts = zip(rows.split(SAMPLE_CHUNK), noise.split(SAMPLE_CHUNK), strict=True)
         samples = torch.cat([actor.sample(part, part_noise, noise_std) for part, part_noise in parts])
-        samples = samples.view(len(obs), args.entropy_samples, -1).cpu().numpy()
-    entropy = torch.tensor(estimate_entropy(samples, args.gmm_components, args.entropy_estimator), device=obs.device)
+        samples = samples.view(len(obs), args.entropy_samples, -1)
+    entropy = estimate_entropy(samples, args.gmm_components, args.entropy_estimator).float()  # on the run's device
     alpha_loss = -log_alpha * (target_entropy - entropy)
     a_optimizer.zero_grad()
     alpha_loss.backward()
@@ -504,7 +728,10 @@ COMMON_ARG_CHECKS = (
 COMMON_ARG_CONSTRAINTS = (
     (lambda a: a.batch_size <= a.buffer_size, "--batch-size {batch_size} is larger than --buffer-size {buffer_size}"),
     (lambda a: a.num_envs <= a.buffer_size, "--num-envs {num_envs} is larger than --buffer-size {buffer_size}"),
-)
+    (lambda a: a.env_workers is None or a.env_workers >= 0, "--env-workers must be >= 0, got {env_workers}"),
+    (lambda a: a.learning_starts < a.total_timesteps,
+     "--learning-starts {learning_starts} is not below --total-timesteps {total_timesteps}: no update would run"),
+)  # fmt: skip
 ARG_RULES = {
     "positive": lambda v: v > 0,
     ">= 0": lambda v: v >= 0,
@@ -515,7 +742,8 @@ ARG_RULES = {
 }
 # Flags a resumed run may change; everything else comes from the checkpoint so the run continues unchanged.
 RESUME_OVERRIDES = ("total_timesteps", "resume", "save_model", "checkpoint_every", "save_buffer", "cuda", "track",
-                    "wandb_project_name", "wandb_entity", "capture_video", "log_every", "eval_freq")  # fmt: skip
+                    "wandb_project_name", "wandb_entity", "capture_video", "log_every", "eval_freq", "async_envs",
+                    "env_workers")  # fmt: skip
 # Seconds between status lines when stdout is not a terminal (nohup, Slurm, CI); the environment may override it.
 STATUS_EVERY_S = float(os.environ.get("QFLEX_BENCH_STATUS_EVERY_S", "60"))
 
@@ -541,6 +769,11 @@ def validate_args(args: Args) -> None:
     for holds, message in COMMON_ARG_CONSTRAINTS + ALGO_ARG_CONSTRAINTS:
         if not holds(args):
             raise ValueError(message.format(**vars(args)))
+
+
+def auto_env_workers(num_envs: int) -> int:
+    """The default --env-workers: one worker per core (at most num_envs) from 8 envs on; fewer envs step in-process."""
+    return min(os.cpu_count() or 1, num_envs) if num_envs >= 8 else 0
 
 
 def load_checkpoint(path: str, algo: str) -> dict:
@@ -598,19 +831,24 @@ def crossed(prev_step: int, step: int, period: int) -> bool:
     return step // period > prev_step // period
 
 
-def atomic_write(path: str, write) -> None:
-    """`write(tmp_path)`, then rename: a crash never leaves a half-written checkpoint or result file."""
+def atomic_write(path: str, write, mode: str = "wb") -> None:
+    """`write(file)` into a temp file, fsync, then rename: a crash or a full disk never leaves a half-written checkpoint
+    or result file, and the previous one stays. A failed write exits with one line and removes the temp file."""
     tmp_path = path + ".tmp"
-    write(tmp_path)
-    os.replace(tmp_path, path)
+    try:
+        with open(tmp_path, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except OSError as e:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: cannot write {path}: {e.strerror or e}; the previous file is kept")
 
 
 def atomic_write_json(obj, path: str) -> None:
-    def write(tmp_path: str) -> None:
-        with open(tmp_path, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-
-    atomic_write(path, write)
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, default=str), mode="w")
 
 
 def write_scalars(writer: SummaryWriter, scalars: dict, global_step: int) -> None:
@@ -673,7 +911,8 @@ class ReplayBuffer:
         return Batch(*(self.storage[k][idx] for k in Batch._fields))
 
     def state_dict(self) -> dict:
-        return dict({k: v[: self.size].cpu() for k, v in self.storage.items()}, pos=self.pos, size=self.size)
+        # a copy of the filled rows only (a CPU slice would otherwise save the whole preallocated storage)
+        return dict({k: v[: self.size].to("cpu", copy=True) for k, v in self.storage.items()}, pos=self.pos, size=self.size)
 
     def load_state_dict(self, state: dict) -> None:
         self.pos, self.size = state["pos"], state["size"]
@@ -688,11 +927,18 @@ if __name__ == "__main__":
     try:
         if args.resume is not None:
             checkpoint = load_checkpoint(args.resume, algo)
-            cli, defaults = vars(args).copy(), vars(Args())
-            args = Args(**checkpoint["args"])
+            cli, defaults, saved = vars(args).copy(), vars(Args()), checkpoint["args"]
+            fixed = [k for k in cli if k not in RESUME_OVERRIDES and cli[k] not in (defaults[k], saved.get(k))]
+            if fixed:
+                flags = ", ".join(f"--{k.replace('_', '-')}" for k in fixed)
+                raise ValueError(f"a resumed run keeps the checkpoint's arguments; {flags} cannot change on --resume")
+            args = Args(**saved)
             for name in RESUME_OVERRIDES:  # only flags given with a non-default value change the resumed run
                 if cli[name] != defaults[name]:
                     setattr(args, name, cli[name])
+            if args.total_timesteps <= checkpoint["global_step"]:
+                raise ValueError(f"--total-timesteps {args.total_timesteps} is not past the checkpoint's step "
+                                 f"{checkpoint['global_step']}: nothing to resume")  # fmt: skip
         resolve_preset(args)
         validate_args(args)
         check_env_id(args.env_id)
@@ -711,9 +957,12 @@ if __name__ == "__main__":
         replay_generator = torch.Generator(device=device).manual_seed(args.seed + 2)
         warmup_rng = np.random.default_rng(args.seed)
         eval_seed = args.seed + 10_000
+        env_workers = args.env_workers if args.env_workers is not None else auto_env_workers(args.num_envs)
         envs, eval_env = make_envs(args.env_id, args.num_envs, args.seed, args.async_envs, run_name, args.capture_video,
-                                   video_every=args.eval_episodes, eval_seed=eval_seed)  # fmt: skip
-    except (ValueError, EnvIdError) as e:
+                                   video_every=args.eval_episodes, eval_seed=eval_seed, env_workers=env_workers)  # fmt: skip
+        if checkpoint and "env_state" in checkpoint:  # the envs continue exactly where the checkpoint left them
+            restore_vector_env_state(envs, checkpoint["env_state"])
+    except ValueError as e:  # EnvError included
         sys.exit(f"{args.exp_name}.py: error: {e}")
     obs_dim = int(np.prod(envs.single_observation_space.shape))
     act_dim = int(np.prod(envs.single_action_space.shape))
@@ -766,31 +1015,35 @@ if __name__ == "__main__":
         global_step, num_updates = checkpoint["global_step"], checkpoint["num_updates"]
     if args.save_buffer:
         stateful["replay_buffer"] = rb
-    start_step = global_step
+    start_step, saved_step = global_step, global_step if checkpoint else None
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=run_name, save_code=True, resume="allow" if checkpoint else None)  # fmt: skip
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step if checkpoint else None)
+    # A resumed run rewrites what was logged after its checkpoint, and keeps everything up to the checkpoint's step.
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step + 1 if checkpoint else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     versions = {"torch": torch.__version__, "gymnasium": gym.__version__, "numpy": np.__version__}
     atomic_write_json(dict(vars(args), run_name=run_name, versions=versions), f"runs/{run_name}/config.json")
-    print(f"{run_name}: preset {args.preset}, " + ", ".join(f"{k}={getattr(args, k)}" for k in PRESETS[args.preset]))
+    where = f"{env_workers} worker processes" if env_workers else "this process"
+    print(f"{run_name}: preset {args.preset}, " + ", ".join(f"{k}={getattr(args, k)}" for k in PRESETS[args.preset])
+          + f"; {args.num_envs} envs stepped in {where}")  # fmt: skip
 
     def save_checkpoint():
         os.makedirs(f"models/{run_name}", exist_ok=True)
         state = {key: state_of(obj) for key, obj in stateful.items()}
         state.update(algo=algo, args=vars(args), run_name=run_name, device=device.type, global_step=global_step,
-                     num_updates=num_updates)  # fmt: skip
-        atomic_write(f"models/{run_name}/checkpoint.pt", lambda tmp_path: torch.save(state, tmp_path))
+                     num_updates=num_updates, env_state=vector_env_state(envs), obs=obs, logs=logs)  # fmt: skip
+        atomic_write(f"models/{run_name}/checkpoint.pt", lambda f: torch.save(state, f))
+        return global_step
 
     def stop_if_nonfinite():
         """One host sync; called at log steps and before every checkpoint, so no bad state is ever saved."""
         if nonfinite.item():
+            kept = f"the last good checkpoint (step {saved_step}) is kept" if saved_step is not None else "no checkpoint"
             sys.exit(
-                f"{args.exp_name}.py: error: non-finite loss by step {global_step} (update {num_updates}); "
-                "stopped, the last good checkpoint is kept"
+                f"{args.exp_name}.py: error: non-finite loss by step {global_step} (update {num_updates}); stopped, {kept}"
             )
 
     def evaluate_and_log(num_episodes: int) -> dict:
@@ -801,12 +1054,16 @@ if __name__ == "__main__":
         return scalars
 
     # TRY NOT TO MODIFY: start the game
-    logs, nonfinite = {}, torch.zeros((), dtype=torch.bool, device=device)
+    # the latest value of every logged scalar; a resumed run carries them on, as an uninterrupted one would
+    logs = {key: value.to(device) for key, value in checkpoint.get("logs", {}).items()} if checkpoint else {}
+    nonfinite, env_guard = torch.zeros((), dtype=torch.bool, device=device), NonFiniteGuard(args.env_id)
     progress = Progress(args.total_timesteps, global_step)
     if args.eval_freq and global_step == 0:  # the untrained policy, so every curve starts at step 0
         evaluate_and_log(args.eval_episodes)
     start_time = time.time()
-    obs, _ = envs.reset(seed=args.seed + global_step)
+    obs, _ = (
+        (checkpoint["obs"], None) if checkpoint and "env_state" in checkpoint else envs.reset(seed=args.seed + global_step)
+    )
     while global_step < args.total_timesteps:
         # ALGO LOGIC: put action logic here
         if global_step < args.learning_starts:
@@ -833,7 +1090,13 @@ if __name__ == "__main__":
             progress.set(ret=f"{episode.episodic_return:.1f}")
 
         # TRY NOT TO MODIFY: save data to replay buffer; handle `final_obs`
-        rb.add(obs, actions, rewards, step.real_next_obs, step.terminated, step.truncated)
+        try:  # NaN or infinite env data never enters the buffer; an env that keeps emitting it stops the run
+            finite = env_guard.finite_rows(obs, rewards, step.real_next_obs, global_step)
+        except EnvError as e:
+            sys.exit(f"{args.exp_name}.py: error: {e}")
+        if not finite.all():
+            writer.add_scalar("charts/nonfinite_env_transitions", env_guard.count, global_step)
+        rb.add(*(x[finite] for x in (obs, actions, rewards, step.real_next_obs, step.terminated, step.truncated)))
 
         # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
         obs = next_obs
@@ -883,15 +1146,17 @@ if __name__ == "__main__":
             evaluate_and_log(args.eval_episodes)
         if args.save_model and crossed(prev_step, global_step, args.checkpoint_every):
             stop_if_nonfinite()
-            save_checkpoint()
+            saved_step = save_checkpoint()
 
     # TRY NOT TO MODIFY: final checkpoint and evaluation
     stop_if_nonfinite()
     if args.save_model:
-        save_checkpoint()
+        saved_step = save_checkpoint()
         print(f"checkpoint saved to models/{run_name}/checkpoint.pt")
     if args.final_eval_episodes:
         scalars = evaluate_and_log(args.final_eval_episodes)
+        if not math.isfinite(scalars["eval/episodic_return"]):  # never a "score" that is not a number
+            sys.exit(f"{args.exp_name}.py: error: the final evaluation's return is {scalars['eval/episodic_return']}")
         final = dict(scalars, global_step=global_step, num_updates=num_updates, episodes=args.final_eval_episodes,
                      wall_time=time.time() - start_time)  # fmt: skip
         atomic_write_json(final, f"runs/{run_name}/final_eval.json")

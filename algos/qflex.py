@@ -29,7 +29,8 @@ import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from envs import EnvIdError, check_env_id, evaluate, make_envs, split_vector_step
+from envs import EnvError, NonFiniteGuard, check_env_id, evaluate, make_envs, split_vector_step
+from envs.state import restore_vector_env_state, vector_env_state
 
 
 @dataclass
@@ -70,7 +71,10 @@ class Args:
     num_envs: int | None = None
     """number of parallel envs E (default: the preset's)"""
     async_envs: bool = False
-    """use gymnasium's AsyncVectorEnv (subprocesses) instead of SyncVectorEnv"""
+    """use gymnasium's AsyncVectorEnv (one subprocess per env) instead of SyncVectorEnv"""
+    env_workers: int | None = None
+    """worker processes that step the envs through shared memory, with the same transitions bit for bit (0: step them
+    in this process; default: one per core, at most num_envs, when num_envs >= 8, else 0)"""
     buffer_size: int = 1_000_000
     """the replay memory buffer size (transitions)"""
     gamma: float = 0.99
@@ -486,7 +490,10 @@ COMMON_ARG_CHECKS = (
 COMMON_ARG_CONSTRAINTS = (
     (lambda a: a.batch_size <= a.buffer_size, "--batch-size {batch_size} is larger than --buffer-size {buffer_size}"),
     (lambda a: a.num_envs <= a.buffer_size, "--num-envs {num_envs} is larger than --buffer-size {buffer_size}"),
-)
+    (lambda a: a.env_workers is None or a.env_workers >= 0, "--env-workers must be >= 0, got {env_workers}"),
+    (lambda a: a.learning_starts < a.total_timesteps,
+     "--learning-starts {learning_starts} is not below --total-timesteps {total_timesteps}: no update would run"),
+)  # fmt: skip
 ARG_RULES = {
     "positive": lambda v: v > 0,
     ">= 0": lambda v: v >= 0,
@@ -497,7 +504,8 @@ ARG_RULES = {
 }
 # Flags a resumed run may change; everything else comes from the checkpoint so the run continues unchanged.
 RESUME_OVERRIDES = ("total_timesteps", "resume", "save_model", "checkpoint_every", "save_buffer", "cuda", "track",
-                    "wandb_project_name", "wandb_entity", "capture_video", "log_every", "eval_freq")  # fmt: skip
+                    "wandb_project_name", "wandb_entity", "capture_video", "log_every", "eval_freq", "async_envs",
+                    "env_workers")  # fmt: skip
 # Seconds between status lines when stdout is not a terminal (nohup, Slurm, CI); the environment may override it.
 STATUS_EVERY_S = float(os.environ.get("QFLEX_BENCH_STATUS_EVERY_S", "60"))
 
@@ -523,6 +531,11 @@ def validate_args(args: Args) -> None:
     for holds, message in COMMON_ARG_CONSTRAINTS + ALGO_ARG_CONSTRAINTS:
         if not holds(args):
             raise ValueError(message.format(**vars(args)))
+
+
+def auto_env_workers(num_envs: int) -> int:
+    """The default --env-workers: one worker per core (at most num_envs) from 8 envs on; fewer envs step in-process."""
+    return min(os.cpu_count() or 1, num_envs) if num_envs >= 8 else 0
 
 
 def load_checkpoint(path: str, algo: str) -> dict:
@@ -580,19 +593,24 @@ def crossed(prev_step: int, step: int, period: int) -> bool:
     return step // period > prev_step // period
 
 
-def atomic_write(path: str, write) -> None:
-    """`write(tmp_path)`, then rename: a crash never leaves a half-written checkpoint or result file."""
+def atomic_write(path: str, write, mode: str = "wb") -> None:
+    """`write(file)` into a temp file, fsync, then rename: a crash or a full disk never leaves a half-written checkpoint
+    or result file, and the previous one stays. A failed write exits with one line and removes the temp file."""
     tmp_path = path + ".tmp"
-    write(tmp_path)
-    os.replace(tmp_path, path)
+    try:
+        with open(tmp_path, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except OSError as e:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: cannot write {path}: {e.strerror or e}; the previous file is kept")
 
 
 def atomic_write_json(obj, path: str) -> None:
-    def write(tmp_path: str) -> None:
-        with open(tmp_path, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-
-    atomic_write(path, write)
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, default=str), mode="w")
 
 
 def write_scalars(writer: SummaryWriter, scalars: dict, global_step: int) -> None:
@@ -655,7 +673,8 @@ class ReplayBuffer:
         return Batch(*(self.storage[k][idx] for k in Batch._fields))
 
     def state_dict(self) -> dict:
-        return dict({k: v[: self.size].cpu() for k, v in self.storage.items()}, pos=self.pos, size=self.size)
+        # a copy of the filled rows only (a CPU slice would otherwise save the whole preallocated storage)
+        return dict({k: v[: self.size].to("cpu", copy=True) for k, v in self.storage.items()}, pos=self.pos, size=self.size)
 
     def load_state_dict(self, state: dict) -> None:
         self.pos, self.size = state["pos"], state["size"]
@@ -670,11 +689,18 @@ if __name__ == "__main__":
     try:
         if args.resume is not None:
             checkpoint = load_checkpoint(args.resume, algo)
-            cli, defaults = vars(args).copy(), vars(Args())
-            args = Args(**checkpoint["args"])
+            cli, defaults, saved = vars(args).copy(), vars(Args()), checkpoint["args"]
+            fixed = [k for k in cli if k not in RESUME_OVERRIDES and cli[k] not in (defaults[k], saved.get(k))]
+            if fixed:
+                flags = ", ".join(f"--{k.replace('_', '-')}" for k in fixed)
+                raise ValueError(f"a resumed run keeps the checkpoint's arguments; {flags} cannot change on --resume")
+            args = Args(**saved)
             for name in RESUME_OVERRIDES:  # only flags given with a non-default value change the resumed run
                 if cli[name] != defaults[name]:
                     setattr(args, name, cli[name])
+            if args.total_timesteps <= checkpoint["global_step"]:
+                raise ValueError(f"--total-timesteps {args.total_timesteps} is not past the checkpoint's step "
+                                 f"{checkpoint['global_step']}: nothing to resume")  # fmt: skip
         resolve_preset(args)
         validate_args(args)
         check_env_id(args.env_id)
@@ -693,9 +719,12 @@ if __name__ == "__main__":
         replay_generator = torch.Generator(device=device).manual_seed(args.seed + 2)
         warmup_rng = np.random.default_rng(args.seed)
         eval_seed = args.seed + 10_000
+        env_workers = args.env_workers if args.env_workers is not None else auto_env_workers(args.num_envs)
         envs, eval_env = make_envs(args.env_id, args.num_envs, args.seed, args.async_envs, run_name, args.capture_video,
-                                   video_every=args.eval_episodes, eval_seed=eval_seed)  # fmt: skip
-    except (ValueError, EnvIdError) as e:
+                                   video_every=args.eval_episodes, eval_seed=eval_seed, env_workers=env_workers)  # fmt: skip
+        if checkpoint and "env_state" in checkpoint:  # the envs continue exactly where the checkpoint left them
+            restore_vector_env_state(envs, checkpoint["env_state"])
+    except ValueError as e:  # EnvError included
         sys.exit(f"{args.exp_name}.py: error: {e}")
     obs_dim = int(np.prod(envs.single_observation_space.shape))
     act_dim = int(np.prod(envs.single_action_space.shape))
@@ -746,31 +775,35 @@ if __name__ == "__main__":
         global_step, num_updates = checkpoint["global_step"], checkpoint["num_updates"]
     if args.save_buffer:
         stateful["replay_buffer"] = rb
-    start_step = global_step
+    start_step, saved_step = global_step, global_step if checkpoint else None
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True, config=vars(args),
                    name=run_name, save_code=True, resume="allow" if checkpoint else None)  # fmt: skip
-    writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step if checkpoint else None)
+    # A resumed run rewrites what was logged after its checkpoint, and keeps everything up to the checkpoint's step.
+    writer = SummaryWriter(f"runs/{run_name}", purge_step=start_step + 1 if checkpoint else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     versions = {"torch": torch.__version__, "gymnasium": gym.__version__, "numpy": np.__version__}
     atomic_write_json(dict(vars(args), run_name=run_name, versions=versions), f"runs/{run_name}/config.json")
-    print(f"{run_name}: preset {args.preset}, " + ", ".join(f"{k}={getattr(args, k)}" for k in PRESETS[args.preset]))
+    where = f"{env_workers} worker processes" if env_workers else "this process"
+    print(f"{run_name}: preset {args.preset}, " + ", ".join(f"{k}={getattr(args, k)}" for k in PRESETS[args.preset])
+          + f"; {args.num_envs} envs stepped in {where}")  # fmt: skip
 
     def save_checkpoint():
         os.makedirs(f"models/{run_name}", exist_ok=True)
         state = {key: state_of(obj) for key, obj in stateful.items()}
         state.update(algo=algo, args=vars(args), run_name=run_name, device=device.type, global_step=global_step,
-                     num_updates=num_updates)  # fmt: skip
-        atomic_write(f"models/{run_name}/checkpoint.pt", lambda tmp_path: torch.save(state, tmp_path))
+                     num_updates=num_updates, env_state=vector_env_state(envs), obs=obs, logs=logs)  # fmt: skip
+        atomic_write(f"models/{run_name}/checkpoint.pt", lambda f: torch.save(state, f))
+        return global_step
 
     def stop_if_nonfinite():
         """One host sync; called at log steps and before every checkpoint, so no bad state is ever saved."""
         if nonfinite.item():
+            kept = f"the last good checkpoint (step {saved_step}) is kept" if saved_step is not None else "no checkpoint"
             sys.exit(
-                f"{args.exp_name}.py: error: non-finite loss by step {global_step} (update {num_updates}); "
-                "stopped, the last good checkpoint is kept"
+                f"{args.exp_name}.py: error: non-finite loss by step {global_step} (update {num_updates}); stopped, {kept}"
             )
 
     def evaluate_and_log(num_episodes: int) -> dict:
@@ -781,12 +814,16 @@ if __name__ == "__main__":
         return scalars
 
     # TRY NOT TO MODIFY: start the game
-    logs, nonfinite = {}, torch.zeros((), dtype=torch.bool, device=device)
+    # the latest value of every logged scalar; a resumed run carries them on, as an uninterrupted one would
+    logs = {key: value.to(device) for key, value in checkpoint.get("logs", {}).items()} if checkpoint else {}
+    nonfinite, env_guard = torch.zeros((), dtype=torch.bool, device=device), NonFiniteGuard(args.env_id)
     progress = Progress(args.total_timesteps, global_step)
     if args.eval_freq and global_step == 0:  # the untrained policy, so every curve starts at step 0
         evaluate_and_log(args.eval_episodes)
     start_time = time.time()
-    obs, _ = envs.reset(seed=args.seed + global_step)
+    obs, _ = (
+        (checkpoint["obs"], None) if checkpoint and "env_state" in checkpoint else envs.reset(seed=args.seed + global_step)
+    )
     while global_step < args.total_timesteps:
         # ALGO LOGIC: put action logic here
         if global_step < args.learning_starts:
@@ -817,7 +854,13 @@ if __name__ == "__main__":
             progress.set(ret=f"{episode.episodic_return:.1f}")
 
         # TRY NOT TO MODIFY: save data to replay buffer; handle `final_obs`
-        rb.add(obs, actions, rewards, step.real_next_obs, step.terminated, step.truncated)
+        try:  # NaN or infinite env data never enters the buffer; an env that keeps emitting it stops the run
+            finite = env_guard.finite_rows(obs, rewards, step.real_next_obs, global_step)
+        except EnvError as e:
+            sys.exit(f"{args.exp_name}.py: error: {e}")
+        if not finite.all():
+            writer.add_scalar("charts/nonfinite_env_transitions", env_guard.count, global_step)
+        rb.add(*(x[finite] for x in (obs, actions, rewards, step.real_next_obs, step.terminated, step.truncated)))
 
         # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
         obs = next_obs
@@ -853,15 +896,17 @@ if __name__ == "__main__":
             evaluate_and_log(args.eval_episodes)
         if args.save_model and crossed(prev_step, global_step, args.checkpoint_every):
             stop_if_nonfinite()
-            save_checkpoint()
+            saved_step = save_checkpoint()
 
     # TRY NOT TO MODIFY: final checkpoint and evaluation
     stop_if_nonfinite()
     if args.save_model:
-        save_checkpoint()
+        saved_step = save_checkpoint()
         print(f"checkpoint saved to models/{run_name}/checkpoint.pt")
     if args.final_eval_episodes:
         scalars = evaluate_and_log(args.final_eval_episodes)
+        if not math.isfinite(scalars["eval/episodic_return"]):  # never a "score" that is not a number
+            sys.exit(f"{args.exp_name}.py: error: the final evaluation's return is {scalars['eval/episodic_return']}")
         final = dict(scalars, global_step=global_step, num_updates=num_updates, episodes=args.final_eval_episodes,
                      wall_time=time.time() - start_time)  # fmt: skip
         atomic_write_json(final, f"runs/{run_name}/final_eval.json")

@@ -9,8 +9,10 @@ Layout of a sweep directory (every algorithm process runs with cwd = the sweep d
     DIR/runs/{run_name}/            completed runs only: TensorBoard events, config.json, final_eval.json, stdout.log
     DIR/logs/{key}.{attempt}.log    live output of every attempt (key = {algo}__{env}__{seed}); `tail -f` it
     DIR/status/{key}.json           one record per run, rewritten atomically (temp file + rename) at every change
-    DIR/failed/{run_name}/          run directories of failed attempts (with their stdout.log)
-    DIR/incomplete/{run_name}/      run directories of interrupted attempts
+    DIR/models/{run_name}/          checkpoints (--save-model) of completed runs and of interrupted ones to resume
+    DIR/failed/{run_name}/          run directories of failed attempts (with their stdout.log and models/)
+    DIR/incomplete/{run_name}/      run directories of interrupted attempts, until the next attempt resumes them
+    DIR/incomplete/{run_name}.superseded/  an interrupted attempt with a checkpoint that was not resumed (models/ inside)
     DIR/manifest.json, manifest.csv every run of the directory: algo, env, seed, arguments, status, run directory,
                                     wall time, exit code, attempts, log (regenerated from status/ atomically)
     DIR/submitit/                   Slurm / submitit job files (--launcher slurm)
@@ -20,10 +22,16 @@ the last thing written, so a sweep killed at any point never marks an unfinished
 takes a lock on DIR, turns records left `running` by a dead sweep into `interrupted` and moves their partial run
 directories out of `runs/`, so `runs/` only ever holds completed runs (or ones running right now) and plotting a
 half-finished sweep is safe. Rerunning the same command skips completed runs, runs the unfinished (pending or
-interrupted) ones and leaves failed ones alone; `--retry-failed` also reruns the failed ones. An interrupted run
-that left a checkpoint (`--save-model` after `--`) continues from it with `--resume` in its old run directory
-(`--no-resume` restarts it from scratch); a failed run always restarts from scratch. A completed run whose recorded
-arguments differ from the current command is an error (use another DIR), never silently reused.
+interrupted) ones and leaves failed ones alone; `--retry-failed` also reruns the failed ones. A run killed by
+SIGKILL/SIGTERM/SIGINT/SIGHUP from outside counts as interrupted, not failed. An interrupted run that left a checkpoint
+(`--save-model` after `--`) continues from its newest one in its old run directory, as `algos/<algo>.py --resume
+models/{run_name}/checkpoint.pt` (plus `--total-timesteps` if the sweep's budget changed; the checkpoint holds every
+other argument). The checkpoint is found on disk, so a sweep killed before it recorded the run's name still resumes
+it. An interrupted run without a checkpoint restarts from scratch and its partial directories (runs/, incomplete/,
+models/, videos/) are deleted; `--no-resume` restarts it even with a checkpoint and keeps that attempt under
+incomplete/{run_name}.superseded/. A failed run always restarts from scratch. A completed run whose recorded arguments
+differ from the current command is an error (use another DIR), never silently reused; so is an interrupted one that
+would resume with other arguments than the budget.
 
 Local launcher: at most --workers processes at a time, each `OMP_NUM_THREADS=1` (unless the caller set it), in its
 own process group; SIGINT/SIGTERM stops them and records them as interrupted; on Linux the children also get
@@ -61,6 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 STATUSES = ("pending", "running", "completed", "failed", "interrupted")
 HEARTBEAT_S = 60.0
 STALE_HEARTBEAT_S = 300.0
+STOP_SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # a run killed by one is interrupted
 MANIFEST_FIELDS = (
     "key",
     "algo",
@@ -116,6 +125,48 @@ def exp_name_of(algo: str, extra_args: list[str]) -> str:
 def run_dir_prefix(spec: dict) -> str:
     """Every run directory of this spec starts with this (run_name = env__exp_name__seed__time)."""
     return f"{env_tag(spec['env_id'])}__{spec['exp_name']}__{spec['seed']}__"
+
+
+def run_name_time(spec: dict, name: str) -> int | None:
+    """The time stamp of `name` if it is a run name of this spec (prefix + digits), else None."""
+    prefix = run_dir_prefix(spec)
+    rest = name[len(prefix) :]
+    return int(rest) if name.startswith(prefix) and rest.isdigit() else None
+
+
+BUDGET_FLAGS = ("--total-timesteps", "--total_timesteps")
+
+
+def budget_of(extra_args: list[str]) -> str | None:
+    """The --total-timesteps value among the extra flags (the last one wins, as for argparse/tyro), or None."""
+    value = None
+    for i, arg in enumerate(extra_args):
+        for flag in BUDGET_FLAGS:
+            if arg == flag and i + 1 < len(extra_args):
+                value = extra_args[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+    return value
+
+
+def without_budget(extra_args: list[str]) -> list[str]:
+    """The extra flags less --total-timesteps (the one flag a resumed run may change here)."""
+    out, skip = [], False
+    for arg in extra_args:
+        if skip:
+            skip = False
+        elif arg in BUDGET_FLAGS:
+            skip = True
+        elif not any(arg.startswith(flag + "=") for flag in BUDGET_FLAGS):
+            out.append(arg)
+    return out
+
+
+def same_number(a, b) -> bool:
+    try:
+        return int(str(a).replace("_", "")) == int(str(b).replace("_", ""))
+    except ValueError:
+        return str(a) == str(b)
 
 
 def build_specs(algos, env_ids, seeds, extra_args, python: str, algos_dir: Path, resume: bool = True) -> list[dict]:
@@ -207,6 +258,8 @@ class SweepDir:
         self.status_dir = root / "status"
         self.failed = root / "failed"
         self.incomplete = root / "incomplete"
+        self.models = root / "models"  # written by the scripts themselves (cwd = the sweep directory)
+        self.videos = root / "videos"
 
     def make(self) -> None:
         for d in (self.root, self.runs, self.logs, self.status_dir):
@@ -235,6 +288,67 @@ class SweepDir:
         if not self.runs.is_dir():
             return set()
         return {p.name for p in self.runs.iterdir() if p.is_dir() and p.name.startswith(prefix)}
+
+    def names_in(self, folder: Path, spec: dict) -> set[str]:
+        """Run names of `spec` (prefix + time stamp) among the directories of `folder`."""
+        if not folder.is_dir():
+            return set()
+        return {p.name for p in folder.iterdir() if p.is_dir() and run_name_time(spec, p.name) is not None}
+
+    def leftovers(self, spec: dict, record: dict | None) -> list[str]:
+        """Run names of earlier unfinished attempts of `spec` that left directories behind (runs/, incomplete/,
+        models/, videos/), oldest first; failed attempts (kept in failed/) and the completed run are not among them.
+        Found on disk rather than in the record, so an attempt killed before its record named its run is found too."""
+        names = set()
+        for folder in (self.runs, self.incomplete, self.models, self.videos):
+            names |= self.names_in(folder, spec)
+        names -= self.names_in(self.failed, spec)
+        if record and record.get("status") in ("completed", "running"):
+            names.discard(record.get("run_name"))
+        return sorted(names, key=lambda name: run_name_time(spec, name))
+
+    def checkpoint_of(self, run_name: str) -> Path | None:
+        path = self.models / run_name / "checkpoint.pt"
+        return path if path.is_file() else None
+
+    def resumable(self, spec: dict, record: dict | None) -> str | None:
+        """The run an unfinished (interrupted or pending) spec continues: the leftover with the newest checkpoint."""
+        if not spec.get("resume", True) or (record or {}).get("status") in ("failed", "completed", "running"):
+            return None
+        found = [(self.checkpoint_of(n).stat().st_mtime_ns, n) for n in self.leftovers(spec, record) if self.checkpoint_of(n)]
+        return max(found)[1] if found else None
+
+    def gather(self, run_name: str, dest: Path) -> None:
+        """Move models/{run_name} and videos/{run_name} into dest/models and dest/videos (nothing left behind)."""
+        for sub, folder in (("models", self.models), ("videos", self.videos)):
+            src = folder / run_name
+            if src.is_dir():
+                target = dest / sub
+                if target.exists():
+                    target = dest / f"{sub}.{time.time_ns()}"
+                os.replace(src, target)
+
+    def retire(self, run_name: str) -> str | None:
+        """An earlier attempt that will not be continued: without a checkpoint its partial directories are deleted
+        (nothing in them can be continued; its log stays in logs/); with one (--no-resume, or an older checkpoint than
+        the one resumed) everything of it moves to incomplete/{run_name}.superseded/ (models/ and videos/ inside).
+        Returns the new directory relative to the sweep dir, or None when deleted."""
+        places = [self.runs / run_name, self.incomplete / run_name, self.models / run_name, self.videos / run_name]
+        if self.checkpoint_of(run_name) is None:
+            for path in places:
+                shutil.rmtree(path, ignore_errors=True)
+            return None
+        dest = self.incomplete / f"{run_name}.superseded"
+        if dest.exists():
+            dest = self.incomplete / f"{run_name}.superseded.{time.time_ns()}"
+        self.incomplete.mkdir(parents=True, exist_ok=True)
+        run_dir = next((p for p in places[:2] if p.is_dir()), None)
+        if run_dir is not None:
+            os.replace(run_dir, dest)
+        else:
+            dest.mkdir()
+        self.gather(run_name, dest)
+        return str(dest.relative_to(self.root))
 
     def move_out(self, run_name: str, where: Path) -> str | None:
         """Move runs/{run_name} to where/{run_name}; return the new path relative to the sweep dir."""
@@ -308,6 +422,19 @@ def stop_orphan(record: dict) -> None:
             time.sleep(0.1)
 
 
+def discover_run_name(sweep: SweepDir, record: dict) -> str | None:
+    """The run directory an attempt created, for a record written before the attempt named it (killed early): the
+    newest leftover of its spec not older than the attempt's start."""
+    started = record.get("start_time")
+    if started is None and record.get("started"):
+        try:
+            started = datetime.datetime.fromisoformat(record["started"]).timestamp()
+        except ValueError:
+            started = None
+    names = [n for n in sweep.leftovers(record, None) if started is None or run_name_time(record, n) >= int(started)]
+    return names[-1] if names else None
+
+
 def recover(sweep: SweepDir, specs_by_key: dict[str, dict]) -> None:
     """After a crash: stale `running` records -> `interrupted`; partial run dirs of unfinished runs leave runs/."""
     for record in sweep.all_status():
@@ -316,6 +443,8 @@ def recover(sweep: SweepDir, specs_by_key: dict[str, dict]) -> None:
             record["status"] = "interrupted"
             record["error"] = "the sweep or job running it stopped before it finished"
             record["finished"] = record.get("finished") or now_iso()
+            if not record.get("run_name") and all(k in record for k in ("env_id", "exp_name", "seed")):
+                record["run_name"] = discover_run_name(sweep, record)
             if record.get("run_name"):
                 moved = sweep.move_out(record["run_name"], sweep.incomplete)
                 if moved:
@@ -350,17 +479,21 @@ class RunHandle:
         previous = sweep.read_status(spec["key"]) or {}
         attempt = int(previous.get("attempts", 0)) + 1
         self.log_path = sweep.logs / f"{spec['key']}.{attempt}.log"
-        command, run_name = list(spec["command"]), None
-        checkpoint = resumable_checkpoint(sweep, previous) if spec.get("resume", True) else None
-        if checkpoint:
+        command, run_name, checkpoint = list(spec["command"]), sweep.resumable(spec, previous), None
+        superseded = []  # earlier attempts this one does not continue: deleted, or kept if they hold a checkpoint
+        for name in sweep.leftovers(spec, previous):
+            if name != run_name:
+                kept = sweep.retire(name)
+                if kept:
+                    superseded.append(kept)
+        if run_name:
             # the partial run directory goes back to runs/, where the resumed process appends to its event files
-            run_name = previous["run_name"]
-            for where in (sweep.incomplete, sweep.failed):
-                if (where / run_name).is_dir() and not (sweep.runs / run_name).exists():
-                    os.replace(where / run_name, sweep.runs / run_name)
-            command += ["--resume", checkpoint]
+            checkpoint = f"models/{run_name}/checkpoint.pt"
+            if (sweep.incomplete / run_name).is_dir() and not (sweep.runs / run_name).exists():
+                os.replace(sweep.incomplete / run_name, sweep.runs / run_name)
+            command = command[:2] + resume_budget(sweep, spec, run_name) + ["--resume", checkpoint]
         self.before = sweep.run_dirs_for(spec) - {run_name}
-        self.start = time.time()
+        self.start = time.time()  # before the process starts, so its run name's time stamp is never older
         self.log_file = open(self.log_path, "w")
         self.log_file.write(f"# {now_iso()} attempt {attempt}: (cd {sweep.root} && {shlex.join(command)})\n")
         self.log_file.flush()
@@ -391,10 +524,12 @@ class RunHandle:
             pid=self.proc.pid,
             owner_pid=os.getpid(),
             started=now_iso(),
+            start_time=self.start,
             finished=None,
             heartbeat=time.time(),
             error=None,
             previous_logs=previous.get("previous_logs", []) + ([previous["log"]] if previous.get("log") else []),
+            superseded=previous.get("superseded", []) + superseded,
         )
         sweep.write_status(self.record)
 
@@ -402,12 +537,17 @@ class RunHandle:
         new = sorted(self.sweep.run_dirs_for(self.spec) - self.before)
         return new[-1] if new else None
 
-    def heartbeat(self) -> None:
-        """Record the run directory as soon as it exists, and refresh the heartbeat (Slurm liveness)."""
+    def note_run_name(self) -> None:
+        """Record the run directory as soon as it exists (polled often; writes only when it appears)."""
         if self.record["run_name"] is None:
             self.record["run_name"] = self.find_run_name()
             if self.record["run_name"]:
                 self.record["run_dir"] = f"runs/{self.record['run_name']}"
+                self.sweep.write_status(self.record)
+
+    def heartbeat(self) -> None:
+        """Record the run directory if it appeared, and refresh the heartbeat (Slurm liveness)."""
+        self.note_run_name()
         self.record["heartbeat"] = time.time()
         self.sweep.write_status(self.record)
 
@@ -422,6 +562,9 @@ class RunHandle:
         if interrupted:
             status, where = "interrupted", self.sweep.incomplete
             record["error"] = "stopped by a signal to the sweep"
+        elif returncode < 0 and -returncode in STOP_SIGNALS:  # killed from outside (kill, OOM killer): not its failure
+            status, where = "interrupted", self.sweep.incomplete
+            record["error"] = f"killed by {signal.Signals(-returncode).name}"
         elif returncode == 0 and record["run_name"]:
             status, where = "completed", None
         else:
@@ -434,18 +577,21 @@ class RunHandle:
                 shutil.copyfile(self.log_path, src / "stdout.log")
             if where is not None:
                 record["run_dir"] = self.sweep.move_out(record["run_name"], where)
+            if status == "failed" and record["run_dir"]:  # a failed run restarts from scratch: its checkpoint goes too
+                self.sweep.gather(record["run_name"], self.sweep.root / record["run_dir"])
         record["status"] = status
         self.sweep.write_status(record)  # the completion record is the very last write
         return record
 
 
-def resumable_checkpoint(sweep: SweepDir, previous: dict) -> str | None:
-    """An interrupted attempt that left models/{run_name}/checkpoint.pt (--save-model) continues from it."""
-    run_name = previous.get("run_name")
-    if previous.get("status") != "interrupted" or not run_name:
-        return None
-    path = f"models/{run_name}/checkpoint.pt"
-    return path if (sweep.root / path).is_file() else None
+def resume_budget(sweep: SweepDir, spec: dict, run_name: str) -> list[str]:
+    """`--total-timesteps N` for a resumed run when the sweep's budget differs from the checkpoint's, else nothing: a
+    resumed script takes every other argument from its checkpoint (and refuses them if they differ)."""
+    budget = budget_of(spec["extra_args"])
+    if budget is None:
+        return []
+    config = read_json(sweep.runs / run_name / "config.json") or {}
+    return [] if same_number(config.get("total_timesteps"), budget) else ["--total-timesteps", budget]
 
 
 def last_line(path: Path) -> str:
@@ -468,12 +614,16 @@ def execute_run(root: str, spec: dict, launcher: str) -> dict:
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+    last_beat = time.time()
     while True:
         try:
-            returncode = handle.proc.wait(timeout=HEARTBEAT_S)
+            returncode = handle.proc.wait(timeout=1.0)
             break
         except subprocess.TimeoutExpired:
-            handle.heartbeat()
+            handle.note_run_name()
+            if time.time() - last_beat > HEARTBEAT_S:
+                handle.heartbeat()
+                last_beat = time.time()
     return handle.finish(returncode)
 
 
@@ -505,6 +655,13 @@ def plan(sweep: SweepDir, specs: list[dict], retry_failed: bool) -> tuple[list[d
             raise SweepError(
                 f"{spec['key']} already completed in {sweep.root} with other arguments "
                 f"({shlex.join(record.get('extra_args', []))!r} vs {shlex.join(spec['extra_args'])!r}); use another --runs-dir"
+            )
+        resume_from = sweep.resumable(spec, record) if status in ("pending", "interrupted") else None
+        if resume_from and record and without_budget(record.get("extra_args", [])) != without_budget(spec["extra_args"]):
+            raise SweepError(
+                f"{spec['key']} was interrupted with other arguments ({shlex.join(record.get('extra_args', []))!r} vs "
+                f"{shlex.join(spec['extra_args'])!r}) and would resume from models/{resume_from}/checkpoint.pt with "
+                "them; rerun with its arguments (--total-timesteps may change), use --no-resume, or another --runs-dir"
             )
         if status == "completed":
             skipped[spec["key"]] = "completed"
@@ -545,7 +702,9 @@ def run_local(sweep: SweepDir, todo: list[dict], workers: int) -> None:
                 print(f"[run.py] started {spec['key']} (log {running[-1].record['log']})", flush=True)
             for handle in list(running):
                 returncode = handle.proc.poll()
-                if returncode is not None:
+                if returncode is None:
+                    handle.note_run_name()
+                else:
                     record = handle.finish(returncode)
                     running.remove(handle)
                     sweep.write_manifest()
@@ -737,7 +896,9 @@ def main(argv: list[str] | None = None) -> int:
                 run = status in ("pending", "interrupted") or (status == "failed" and args.retry_failed)
                 (todo.append(spec) if run else skipped.__setitem__(spec["key"], status))
             for spec in todo:
-                print(f"would run  {spec['key']}: (cd {sweep.root} && {shlex.join(spec['command'])})")
+                resume_from = sweep.resumable(spec, sweep.read_status(spec["key"]))
+                how = f" (resumes models/{resume_from}/checkpoint.pt)" if resume_from else ""
+                print(f"would run  {spec['key']}{how}: (cd {sweep.root} && {shlex.join(spec['command'])})")
             for key, why in skipped.items():
                 print(f"would skip {key}: {why}")
             return 0

@@ -39,7 +39,11 @@ NETWORK_ENV_IDS = {
 KEPT_INFO_KEYS = ("solved",)
 
 
-class EnvIdError(ValueError):
+class EnvError(ValueError):
+    """A problem with an env, reported to the user in one line (scripts print it and exit non-zero)."""
+
+
+class EnvIdError(EnvError):
     """An env id that cannot be made here; its message is one line meant for the user."""
 
 
@@ -69,6 +73,8 @@ def check_env_id(env_id: str) -> str:
     registered_id = env_id.split(":", 1)[1] if ":" in env_id else env_id
     if registered_id not in gym.registry:
         matches = difflib.get_close_matches(registered_id, list(gym.registry), n=3, cutoff=0.6)
+        if ":" in env_id:  # suggest ids in the same `module:` form, which is what the user can pass
+            matches = [f"{env_id.split(':', 1)[0]}:{match}" for match in matches]
         hint = f"; did you mean {', '.join(matches)}?" if matches else ""
         raise EnvIdError(f"unknown env id '{env_id}'{hint}")
     return registered_id
@@ -286,6 +292,36 @@ def action_half_width(env: gym.Env) -> np.ndarray:
             raise ValueError("env was not made by envs.make_env (no PolicyActionWrapper)")
         env = env.env
     return env.action_half_width
+
+
+# Env steps with a NaN or infinite observation or reward that a run tolerates (they never enter the replay buffer)
+# before it stops: a few transient glitches pass, an env that keeps emitting garbage ends the run within steps.
+NONFINITE_LIMIT = 10
+
+
+class NonFiniteEnvData(EnvError):
+    """An env kept returning NaN or infinite data; the message is one line naming the env index and the step."""
+
+
+class NonFiniteGuard:
+    """Where env data enters a run: marks the transitions whose obs, reward or s' is not finite, counts them, and
+    raises NonFiniteEnvData once more than `limit` of them have been seen."""
+
+    def __init__(self, env_id: str, limit: int = NONFINITE_LIMIT):
+        self.env_id, self.limit, self.count = env_id, limit, 0
+
+    def finite_rows(self, obs: np.ndarray, rewards: np.ndarray, real_next_obs: np.ndarray, global_step: int) -> np.ndarray:
+        """Boolean mask of the rows that are finite everywhere; the others are counted (and never stored)."""
+        finite = np.isfinite(obs).all(1) & np.isfinite(rewards) & np.isfinite(real_next_obs).all(1)
+        if not finite.all():
+            self.count += int((~finite).sum())
+            if self.count > self.limit:
+                first = int(np.flatnonzero(~finite)[0])
+                raise NonFiniteEnvData(
+                    f"env {first} of '{self.env_id}' returned a non-finite observation or reward at step {global_step} "
+                    f"({self.count} such transitions so far, more than the {self.limit} tolerated)"
+                )
+        return finite
 
 
 @dataclass

@@ -264,3 +264,175 @@ def test_export_openrlbenchmark(tmp_path):
     db = sqlite3.connect(project / "offline.sqlite")
     assert db.execute("SELECT COUNT(*) FROM offlinerun").fetchone()[0] == 2
     assert db.execute("SELECT COUNT(*) FROM tag_offlinerun_through").fetchone()[0] == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# killed in the first seconds of a run: a fake algorithm (no torch, starts in milliseconds) that behaves like the real
+# scripts on disk: runs/{run_name}/ once its arguments are valid, then models/{run_name}/checkpoint.pt, and on
+# `--resume PATH` the checkpoint's run name and arguments (other flags than the budget are refused, as the scripts do)
+
+FAKE = r"""import argparse, json, os, sys, time
+parser = argparse.ArgumentParser()
+parser.add_argument("--env-id")
+parser.add_argument("--seed", type=int)
+parser.add_argument("--total-timesteps", type=int)
+parser.add_argument("--num-envs", type=int)
+parser.add_argument("--resume")
+args = parser.parse_args()
+given = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
+hold = os.environ.get("FAKE_HOLD")  # "checkpoint": wait after the first checkpoint; "early": wait before it
+if args.resume:
+    if given - {"--resume", "--total-timesteps"}:
+        sys.exit(f"fake.py: error: a resumed run keeps the checkpoint's arguments; {sorted(given)} cannot change")
+    ckpt = json.load(open(args.resume))
+    run_name, saved, step = ckpt["run_name"], ckpt["args"], ckpt["step"]
+    total = args.total_timesteps or saved["total_timesteps"]
+    if total <= step:
+        sys.exit(f"fake.py: error: --total-timesteps {total} is not past the checkpoint's step {step}")
+else:
+    run_name, saved, step = f"{args.env_id}__fake__{args.seed}__{int(time.time())}", vars(args), 0
+    total = args.total_timesteps
+os.makedirs(f"runs/{run_name}", exist_ok=True)
+json.dump(dict(saved, total_timesteps=total), open(f"runs/{run_name}/config.json", "w"))
+with open(f"runs/{run_name}/progress.txt", "a") as f:
+    f.write(f"start {step}\n")
+os.makedirs(f"models/{run_name}", exist_ok=True)
+if hold == "early":  # cut short while writing its first checkpoint: a temp file, no checkpoint.pt
+    open(f"models/{run_name}/checkpoint.pt.tmp", "w").close()
+    time.sleep(120)
+if step == 0:
+    step = 100
+    json.dump(dict(run_name=run_name, args=saved, step=step), open(f"models/{run_name}/checkpoint.pt.tmp", "w"))
+    os.replace(f"models/{run_name}/checkpoint.pt.tmp", f"models/{run_name}/checkpoint.pt")
+    if hold == "checkpoint":
+        time.sleep(120)
+json.dump(dict(resumed_from=args.resume, step=total), open(f"runs/{run_name}/final_eval.json", "w"))
+print("fake.py: done")
+"""
+
+
+def fake_sweep(tmp_path: Path) -> tuple[Path, list[str]]:
+    algos_dir = tmp_path / "algos"
+    algos_dir.mkdir(parents=True)
+    (algos_dir / "fake.py").write_text(FAKE)
+    sweep_dir = tmp_path / "sweep"
+    args = ["--algos", "fake", "--env-ids", ENV, "--seeds", "1", "--runs-dir", str(sweep_dir), "--algos-dir", str(algos_dir),
+            "--", "--num-envs", "2", "--total-timesteps", "300"]  # fmt: skip
+    return sweep_dir, args
+
+
+def start_and_kill_early(tmp_path: Path, hold: str, kill: str) -> tuple[Path, list[str], dict, str]:
+    """Start a one-run sweep, kill it (the sweep with SIGKILL, or the run's process) within its first second, as soon as
+    the run wrote its first checkpoint (hold="checkpoint") or its run directory (hold="early"); the record and run name
+    left behind."""
+    sweep_dir, args = fake_sweep(tmp_path)
+    first = subprocess.Popen([sys.executable, str(REPO / "benchmark" / "run.py"), *args], cwd=tmp_path,
+                             env=dict(os.environ, **TEST_ENV, FAKE_HOLD=hold), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    wanted = "checkpoint.pt" if hold == "checkpoint" else "checkpoint.pt.tmp"
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((sweep_dir / "models").glob(f"*/{wanted}")):
+        time.sleep(0.02)
+    (written,) = (sweep_dir / "models").glob(f"*/{wanted}")
+    run_name = written.parent.name
+    if kill == "sweep":
+        first.send_signal(signal.SIGKILL)
+    else:
+        os.killpg(statuses(sweep_dir)["fake__ChainReach4-v0__1"]["pid"], signal.SIGKILL)
+    first.wait(timeout=60)
+    time.sleep(1.1)  # a fresh attempt would get another run name (its time stamp is in seconds)
+    return sweep_dir, args, statuses(sweep_dir)["fake__ChainReach4-v0__1"], run_name
+
+
+def leftover_names(sweep_dir: Path) -> dict[str, list[str]]:
+    return {d: sorted(p.name for p in (sweep_dir / d).iterdir()) if (sweep_dir / d).is_dir() else []
+            for d in ("runs", "models", "incomplete", "failed", "videos")}  # fmt: skip
+
+
+@pytest.mark.parametrize("kill", ["sweep", "run"])
+def test_killed_right_after_first_checkpoint_resumes(tmp_path, kill):
+    sweep_dir, args, after_kill, run_name = start_and_kill_early(tmp_path, "checkpoint", kill)
+    assert after_kill["status"] in ("running", "interrupted"), after_kill
+    rerun = bench("run.py", *args, cwd=tmp_path)
+    record = statuses(sweep_dir)["fake__ChainReach4-v0__1"]
+    checkpoint = f"models/{run_name}/checkpoint.pt"
+    assert record["status"] == "completed" and record["attempts"] == 2, (record, rerun.stdout)
+    assert record["run_name"] == run_name and record["resumed_from"] == checkpoint
+    assert record["command"][2:] == ["--resume", checkpoint]  # the checkpoint holds every other argument
+    assert json.loads((sweep_dir / "runs" / run_name / "final_eval.json").read_text())["resumed_from"] == checkpoint
+    assert (sweep_dir / "runs" / run_name / "progress.txt").read_text() == "start 0\nstart 100\n"  # continued, not redone
+    left = leftover_names(sweep_dir)
+    assert left["runs"] == left["models"] == [run_name] and not left["incomplete"] and not left["failed"], left
+    again = bench("run.py", *args, cwd=tmp_path)  # completed: skipped
+    assert "skip fake__ChainReach4-v0__1: completed" in again.stdout
+    assert statuses(sweep_dir)["fake__ChainReach4-v0__1"] == record
+
+
+@pytest.mark.parametrize("kill", ["sweep", "run"])
+def test_killed_before_first_checkpoint_restarts_cleanly(tmp_path, kill):
+    sweep_dir, args, after_kill, run_name = start_and_kill_early(tmp_path, "early", kill)
+    rerun = bench("run.py", *args, cwd=tmp_path)
+    record = statuses(sweep_dir)["fake__ChainReach4-v0__1"]
+    assert record["status"] == "completed" and record["attempts"] == 2, (record, rerun.stdout)
+    assert record["resumed_from"] is None and "--resume" not in record["command"]
+    assert record["run_name"] != run_name  # a fresh run; the partial directories of the first attempt are gone
+    left = leftover_names(sweep_dir)
+    assert left["runs"] == left["models"] == [record["run_name"]] and not left["incomplete"], left
+    assert (sweep_dir / "runs" / record["run_name"] / "progress.txt").read_text() == "start 0\n"
+    assert len(record["previous_logs"]) == 1 and (sweep_dir / record["previous_logs"][0]).is_file()
+
+
+def test_real_run_killed_after_first_checkpoint_resumes(tmp_path):
+    """The same with sac: the sweep is SIGKILLed as soon as models/{run_name}/checkpoint.pt appears (step 200 of 600);
+    the rerun continues that run with nothing but `--resume PATH`, which the real script accepts."""
+    algos_dir = tmp_path / "algos"
+    algos_dir.mkdir()
+    (algos_dir / "sac.py").symlink_to(REPO / "algos" / "sac.py")
+    sweep_dir = tmp_path / "sweep"
+    args = sweep_args(sweep_dir, algos_dir, ["sac"], [1])
+    command = [sys.executable, str(REPO / "benchmark" / "run.py"), *args]
+    first = subprocess.Popen(command, cwd=tmp_path, env=dict(os.environ, **TEST_ENV), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None and not list((sweep_dir / "models").glob("*/checkpoint.pt")):
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    (written,) = (sweep_dir / "models").glob("*/checkpoint.pt")
+    run_name = written.parent.name
+    time.sleep(1.1)
+    bench("run.py", *args, cwd=tmp_path)
+    record = statuses(sweep_dir)["sac__ChainReach4-v0__1"]
+    checkpoint = f"models/{run_name}/checkpoint.pt"
+    assert record["status"] == "completed" and record["attempts"] == 2 and record["run_name"] == run_name, record
+    assert record["command"][2:] == ["--resume", checkpoint] and record["resumed_from"] == checkpoint
+    assert json.loads((sweep_dir / "runs" / run_name / "final_eval.json").read_text())["global_step"] == 600
+    left = leftover_names(sweep_dir)
+    assert left["runs"] == left["models"] == [run_name] and not left["incomplete"], left
+
+
+def test_resume_budget_changed_arguments_and_no_resume(tmp_path):
+    """A rerun with a larger budget passes it alongside --resume; other changed flags are an error while a checkpoint
+    would be resumed; --no-resume starts afresh and keeps the old attempt (checkpoint included) out of runs/ and
+    models/, under incomplete/{run_name}.superseded/."""
+    sweep_dir, args, _, run_name = start_and_kill_early(tmp_path, "checkpoint", "sweep")
+    bigger = [a if a != "300" else "500" for a in args]
+    changed = bench("run.py", *bigger[:-4], "--num-envs", "3", "--total-timesteps", "500", cwd=tmp_path, check=False)
+    assert changed.returncode == 2 and "was interrupted with other arguments" in changed.stdout, changed.stdout
+    assert "Traceback" not in changed.stdout
+    dry = bench("run.py", *bigger[:-5], "--dry-run", *bigger[-5:], cwd=tmp_path)
+    assert f"resumes models/{run_name}/checkpoint.pt" in dry.stdout
+    bench("run.py", *bigger, cwd=tmp_path)
+    record = statuses(sweep_dir)["fake__ChainReach4-v0__1"]
+    assert record["status"] == "completed" and record["run_name"] == run_name
+    assert record["command"][2:] == ["--total-timesteps", "500", "--resume", f"models/{run_name}/checkpoint.pt"]
+    assert json.loads((sweep_dir / "runs" / run_name / "final_eval.json").read_text())["step"] == 500
+
+    sweep_dir, args, _, run_name = start_and_kill_early(tmp_path / "fresh", "checkpoint", "run")
+    bench("run.py", *args[:-5], "--no-resume", *args[-5:], cwd=tmp_path)
+    record = statuses(sweep_dir)["fake__ChainReach4-v0__1"]
+    assert record["status"] == "completed" and record["resumed_from"] is None and record["run_name"] != run_name
+    assert record["superseded"] == [f"incomplete/{run_name}.superseded"]
+    assert (sweep_dir / record["superseded"][0] / "models" / "checkpoint.pt").is_file()
+    left = leftover_names(sweep_dir)
+    assert left["runs"] == left["models"] == [record["run_name"]] and left["incomplete"] == [f"{run_name}.superseded"]

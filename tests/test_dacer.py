@@ -4,10 +4,13 @@ clean failures, and a learning test."""
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from sklearn.cluster import KMeans
+from sklearn.mixture import GaussianMixture
 
 from tests.conftest import assert_one_line_error, final_eval, load_script, read_scalars, resume_to, run_algo, run_dirs
 
@@ -167,9 +170,9 @@ def test_gmm_entropy_on_low_dimensional_gaussian():
     for cov in (a @ a.T, np.diag([0.04, 0.25, 1.0])):
         true = 0.5 * 3 * (1 + math.log(2 * math.pi)) + 0.5 * np.linalg.slogdet(cov)[1]
         samples = rng.multivariate_normal(np.zeros(3), cov, size=(4, 2000))
-        assert dacer.estimate_entropy(samples, n_components=1) == pytest.approx(true, abs=0.05)
-        full = dacer.estimate_entropy(samples, 3, "gmm-full")
-        diag = dacer.estimate_entropy(samples, 3, "gmm-diag")
+        assert dacer.estimate_entropy(samples, n_components=1).item() == pytest.approx(true, abs=0.05)
+        full = dacer.estimate_entropy(samples, 3, "gmm-full").item()
+        diag = dacer.estimate_entropy(samples, 3, "gmm-diag").item()
         assert true - 0.05 < full < true + math.log(3), (full, true)
         assert diag > true - 0.05, (diag, true)
     assert diag < true + math.log(3), (diag, true)
@@ -182,10 +185,200 @@ def test_gmm_entropy_at_80_dimensions():
     true = 0.5 * 80 * (1 + math.log(2 * math.pi * 0.45**2))
     assert true == pytest.approx(49.63, abs=0.01)
     samples = np.random.default_rng(1).normal(size=(1, 200, 80)) * 0.45
-    full = dacer.estimate_entropy(samples, 3, "gmm-full")
-    diag = dacer.estimate_entropy(samples, 3, "gmm-diag")
+    full = dacer.estimate_entropy(samples, 3, "gmm-full").item()
+    diag = dacer.estimate_entropy(samples, 3, "gmm-diag").item()
     assert full < true - 60, full
     assert abs(diag - true) < 4, diag
+
+
+# The oracle: the estimator this file used before the batched fit, one scikit-learn GaussianMixture per state (as the
+# official code does). The batched `fit_gmm` must reproduce it.
+def sklearn_gmm(samples: np.ndarray, n_components: int = 3, covariance_type: str = "full"):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gmm = GaussianMixture(n_components, covariance_type=covariance_type, reg_covar=1e-6, random_state=42)
+        return gmm.fit(np.asarray(samples, dtype=np.float64))
+
+
+def sklearn_gmm_entropy(samples: np.ndarray, n_components: int = 3, covariance_type: str = "full") -> float:
+    """-sum_k w_k log w_k + sum_k w_k [d/2 (1 + log 2 pi) + 1/2 log det Sigma_k] of scikit-learn's fit to samples [S, d]."""
+    gmm, d = sklearn_gmm(samples, n_components, covariance_type), samples.shape[1]
+    if covariance_type == "full":
+        log_dets = np.array([np.linalg.slogdet(cov)[1] for cov in gmm.covariances_])
+    else:
+        log_dets = np.log(gmm.covariances_).sum(-1)
+    weights = gmm.weights_
+    weight_entropy = -np.sum(np.where(weights > 0, weights * np.log(np.where(weights > 0, weights, 1.0)), 0.0))
+    return float(weight_entropy + np.sum(weights * (0.5 * d * (1.0 + math.log(2 * math.pi)) + 0.5 * log_dets)))
+
+
+def policy_like_samples(d: int, states: int = 6, seed: int = 0, clip: float = 1.0) -> np.ndarray:
+    """[states, 200, d] float32 actions: per state an offset, two blobs and noise, clipped to [-clip, clip]."""
+    rng = np.random.default_rng(seed)
+    blobs = rng.choice([-1.0, 1.0], size=(states, 200, 1)) * rng.normal(size=(states, 1, d)) * 0.4
+    x = rng.normal(size=(states, 1, d)) * 0.3 + blobs + rng.normal(size=(states, 200, d)) * 0.4
+    return np.clip(x, -clip, clip).astype(np.float32)
+
+
+# Largest |batched - scikit-learn| entropy over the states of test_batched_gmm_matches_sklearn, measured (nats):
+# d = 2: 9e-16 (full), 6e-11 (diag); d = 8: 9e-16, 2e-11; d = 80: 2e-11, 4e-11; at most 1e-10 on other unclipped
+# samples. Rounding only: the k-means labels are identical and EM takes the same iterations (scikit-learn: 2 to 46);
+# the batched products sum in another order, the covariances are weighted by sqrt(r) on both sides and log det comes
+# from the Cholesky factor instead of slogdet. The tolerance leaves a margin of 100 over the largest.
+GMM_ATOL = 1e-8
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+@pytest.mark.parametrize("d", [2, 8, 80])
+def test_batched_gmm_matches_sklearn(d, covariance_type):
+    """`fit_gmm` fits all states at once as scikit-learn fits each: the same k-means labels, the same mixture (up to
+    rounding) and the same entropy estimate, to GMM_ATOL per state."""
+    samples = policy_like_samples(d, seed=d)
+    X = torch.as_tensor(samples, dtype=torch.float64)
+    labels = dacer.kmeans_labels(X, 3).numpy()
+    fit = dacer.fit_gmm(X, 3, covariance_type)
+    entropy = dacer.gmm_entropy(torch.as_tensor(samples), 3, covariance_type).numpy()
+    for b, state in enumerate(samples):
+        gmm = sklearn_gmm(state, 3, covariance_type)
+        kmeans = KMeans(3, n_init=1, random_state=42).fit(state.astype(np.float64))
+        assert np.array_equal(labels[b], kmeans.labels_), b
+        assert np.allclose(fit.weights[b].numpy(), gmm.weights_, rtol=0, atol=1e-9), b
+        assert np.allclose(fit.means[b].numpy(), gmm.means_, rtol=0, atol=1e-9), b
+        assert np.allclose(fit.covariances[b].numpy(), gmm.covariances_, rtol=1e-7, atol=1e-12), b
+        assert entropy[b] == pytest.approx(sklearn_gmm_entropy(state, 3, covariance_type), abs=GMM_ATOL), b
+    assert fit.ok.all()
+
+
+def test_batched_gmm_on_heavily_clipped_samples():
+    """With most coordinates at the box boundary, samples repeat and some lie at exactly equal distances from two
+    k-means seeds; which seed wins is then decided by rounding, in scikit-learn as here, and a state may end in
+    another local optimum. Measured on these samples (d = 2, 70 % of the coordinates clipped): 1 state of 32 (4 exact
+    ties at the first Lloyd step), by 0.15 nats (full) and 0.44 (diag); the batch mean moves by 0.005 and 0.014."""
+    samples = policy_like_samples(2, states=32, seed=2, clip=0.25)
+    assert (np.abs(samples) == 0.25).mean() > 0.65
+    for covariance_type in ("full", "diag"):
+        ours = dacer.gmm_entropy(torch.as_tensor(samples), 3, covariance_type).numpy()
+        reference = np.array([sklearn_gmm_entropy(state, 3, covariance_type) for state in samples])
+        differs = np.abs(ours - reference) > GMM_ATOL
+        assert differs.sum() <= 2 and np.abs(ours - reference).max() < 1.0, (ours - reference)[differs]
+        assert abs(ours.mean() - reference.mean()) < 0.05
+
+
+def test_em_step_against_its_formulas():
+    """One E step and one M step on 5 points in 2-d with 2 components, against the textbook formulas."""
+    X = torch.tensor([[0.0, 0.1], [0.3, -0.2], [1.0, 1.2], [1.4, 0.8], [0.2, 0.4]], dtype=torch.float64)[None]
+    weights = torch.tensor([[0.6, 0.4]], dtype=torch.float64)
+    means = torch.tensor([[[0.1, 0.0], [1.2, 1.0]]], dtype=torch.float64)
+    covariances = torch.tensor([[[[0.2, 0.05], [0.05, 0.1]], [[0.3, -0.1], [-0.1, 0.2]]]], dtype=torch.float64)
+    x, w, mu, cov = X[0].numpy(), weights[0].numpy(), means[0].numpy(), covariances[0].numpy()
+    # E: log r_ik = log w_k + log N(x_i | mu_k, Sigma_k) - log sum_j w_j N(x_i | mu_j, Sigma_j); bound = mean log sum
+    log_joint = np.stack([math.log(w[k]) - 0.5 * (2 * math.log(2 * math.pi) + np.linalg.slogdet(cov[k])[1]
+                          + np.einsum("id,de,ie->i", x - mu[k], np.linalg.inv(cov[k]), x - mu[k]))
+                          for k in range(2)], -1)  # fmt: skip
+    log_norm = np.logaddexp(log_joint[:, 0], log_joint[:, 1])
+    chol, ok = dacer.covariance_cholesky(covariances, "full")
+    log_resp, bound = dacer.gmm_log_resp(X, weights, means, chol, "full")
+    assert ok.all() and np.allclose(log_resp[0].numpy(), log_joint - log_norm[:, None], atol=1e-12)
+    assert bound.item() == pytest.approx(log_norm.mean(), abs=1e-12)
+    # diag: the same with the covariances' diagonals
+    variances = np.stack([np.diag(c) for c in cov])
+    log_joint_diag = np.log(w) - 0.5 * (2 * math.log(2 * math.pi) + np.log(variances).sum(-1)
+                                        + (((x[:, None] - mu) ** 2) / variances).sum(-1))  # fmt: skip
+    data = torch.cat([X, X.square()], -1)
+    diag_chol, _ = dacer.covariance_cholesky(torch.as_tensor(variances)[None], "diag")
+    log_resp_diag, _ = dacer.gmm_log_resp(data, weights, means, diag_chol, "diag")
+    expected = log_joint_diag - np.logaddexp(log_joint_diag[:, 0], log_joint_diag[:, 1])[:, None]
+    assert np.allclose(log_resp_diag[0].numpy(), expected, atol=1e-12)
+    # M: n_k = sum_i r_ik (+ 10 eps), mu_k = sum_i r_ik x_i / n_k, Sigma_k = sum_i r_ik (x_i - mu_k)(x_i - mu_k)^T / n_k
+    # + 1e-6 I (diag: its diagonal); the weights are normalised outside, as in scikit-learn's M step
+    resp = np.exp(log_resp[0].numpy())
+    nk_expected = resp.sum(0) + 10 * np.finfo(np.float64).eps
+    mu_expected = resp.T @ x / nk_expected[:, None]
+    cov_expected = np.stack([(resp[:, k, None] * (x - mu_expected[k])).T @ (x - mu_expected[k]) / nk_expected[k]
+                             + 1e-6 * np.eye(2) for k in range(2)])  # fmt: skip
+    nk, new_means, new_covariances = dacer.gaussian_parameters(X, torch.as_tensor(resp)[None], 1e-6, "full")
+    assert np.allclose(nk[0].numpy(), nk_expected, atol=1e-12) and np.allclose(new_means[0].numpy(), mu_expected)
+    assert np.allclose(new_covariances[0].numpy(), cov_expected, atol=1e-12)
+    _, diag_means, diag_variances = dacer.gaussian_parameters(data, torch.as_tensor(resp)[None], 1e-6, "diag")
+    assert np.allclose(diag_means[0].numpy(), mu_expected, atol=1e-12)
+    assert np.allclose(diag_variances[0].numpy(), np.stack([np.diag(c) for c in cov_expected]), atol=1e-12)
+
+
+def test_kmeans_plusplus_draws_are_sklearns():
+    """The seeding draws are RandomState(42)'s, as KMeans(random_state=42) consumes them: first choice(S, p), then
+    2 + int(log K) uniforms per further center; with them, k-means++ seeds as scikit-learn's does."""
+    first, uniforms = dacer.kmeans_plusplus_draws(200, 3)
+    rng = np.random.RandomState(42)
+    assert first == rng.choice(200, p=np.full(200, 1 / 200)) and uniforms.shape == (2, 3)
+    assert np.array_equal(uniforms, [rng.uniform(size=3), rng.uniform(size=3)])
+    assert dacer.kmeans_plusplus_draws(200, 1)[1].shape == (0, 2)
+    for x in policy_like_samples(8, states=4).astype(np.float64):  # seeding and one Lloyd step, then the labelling
+        one_step = KMeans(3, n_init=1, max_iter=1, random_state=42).fit(x).labels_
+        assert np.array_equal(dacer.kmeans_labels(torch.as_tensor(x)[None], 3, max_iter=1)[0].numpy(), one_step)
+
+
+def test_empty_clusters_relocated_as_sklearn():
+    """Lloyd's empty-cluster step against scikit-learn's own `_relocate_empty_clusters_dense`: two of four clusters
+    empty, they take the farthest and second-farthest points from their centers (no random case needed it in 20 000
+    tries; the fits on policy samples never do)."""
+    from sklearn.cluster._k_means_common import _relocate_empty_clusters_dense
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(9, 3))
+    centers = np.stack([x[:4].mean(0), x[4:].mean(0), x[0] + 5.0, x[1] - 5.0])  # clusters 2 and 3 get no point
+    labels = ((x[:, None] - centers) ** 2).sum(-1).argmin(-1).astype(np.int32)
+    counts = np.bincount(labels, minlength=4).astype(np.float64)
+    sums = np.stack([x[labels == k].sum(0) if counts[k] else np.zeros(3) for k in range(4)])
+    assert (counts[2:] == 0).all()
+    expected_sums, expected_counts = sums.copy(), counts.copy()
+    _relocate_empty_clusters_dense(x, np.ones(9), centers, expected_sums, expected_counts, labels)
+    X, sums_t, counts_t = torch.as_tensor(x)[None], torch.as_tensor(sums)[None].clone(), torch.as_tensor(counts)[None]
+    dist = torch.as_tensor(((x - centers[labels]) ** 2).sum(-1))[None]
+    dacer.relocate_empty_clusters(X, torch.as_tensor(labels, dtype=torch.long)[None], dist, sums_t, counts_t)
+    assert np.allclose(sums_t[0].numpy(), expected_sums) and np.array_equal(counts_t[0].numpy(), expected_counts)
+    assert expected_counts[2:].tolist() == [1.0, 1.0] and expected_counts.sum() == 9  # both relocated
+
+
+def test_repeated_responsibilities_end_the_fit_early(monkeypatch):
+    """Well-separated clusters: the first E step gives back the k-means labels exactly, the parameters would repeat,
+    and the fit stops after one E step, where scikit-learn stops after two with the same mixture."""
+    rng = np.random.default_rng(0)
+    centers = np.array([[-5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
+    samples = (centers[rng.integers(0, 3, size=(2, 200))] + 0.1 * rng.normal(size=(2, 200, 2))).astype(np.float32)
+    calls = []
+    original = dacer.gmm_log_resp
+    monkeypatch.setattr(dacer, "gmm_log_resp", lambda *a: calls.append(1) or original(*a))
+    entropy = dacer.gmm_entropy(torch.as_tensor(samples), 3, "full").numpy()
+    assert len(calls) == 1
+    assert [sklearn_gmm(state).n_iter_ for state in samples] == [2, 2]
+    assert np.allclose(entropy, [sklearn_gmm_entropy(state) for state in samples], rtol=0, atol=GMM_ATOL)
+
+
+def test_batched_gmm_chunking_and_device_path(monkeypatch):
+    """The CPU path (chunks of GMM_CPU_CHUNK states, a convergence check every iteration) and the path taken on an
+    accelerator (all states together, a check every GMM_CHECK_EVERY iterations, converged states masked) agree."""
+    samples = torch.as_tensor(policy_like_samples(8, states=10, seed=3))
+    cpu = {cov: dacer.gmm_entropy(samples, 3, cov) for cov in ("full", "diag")}
+    monkeypatch.setattr(dacer, "GMM_CPU_CHUNK", 3)
+    for cov in ("full", "diag"):
+        assert torch.allclose(dacer.gmm_entropy(samples, 3, cov), cpu[cov], rtol=0, atol=GMM_ATOL)
+    monkeypatch.setattr(dacer, "syncs_are_free", lambda device: False)
+    for cov in ("full", "diag"):
+        assert torch.allclose(dacer.gmm_entropy(samples, 3, cov), cpu[cov], rtol=0, atol=GMM_ATOL)
+
+
+def test_failed_fit_gives_nan():
+    """A covariance without a Cholesky factor (here: no reg_covar and a collapsed component), where scikit-learn
+    raises, marks its state not ok; `gmm_entropy` returns NaN there, and the run stops at its next log step."""
+    samples = policy_like_samples(2, states=2).astype(np.float64)
+    samples[1, :100] = samples[1, 0]  # half of the second state's samples at one point
+    fit = dacer.fit_gmm(torch.as_tensor(samples), 3, "full", reg_covar=0.0)
+    assert fit.ok.tolist() == [True, False]
+    with pytest.raises(ValueError, match="ill-defined empirical covariance"):
+        GaussianMixture(3, reg_covar=0.0, random_state=42).fit(samples[1])
 
 
 def test_policy_lr_schedule():
@@ -260,7 +453,7 @@ def test_alpha_step_moves_alpha_towards_the_target_entropy(target_entropy):
     noise, noise_std = actor.draw_noise(4 * 20, torch.Generator().manual_seed(3)), torch.tensor(0.45)
     with torch.no_grad():
         samples = actor.sample(obs.repeat_interleave(20, dim=0), noise, noise_std).view(4, 20, 2).numpy()
-    entropy = dacer.estimate_entropy(samples, 3, "gmm-full")
+    entropy = np.mean([sklearn_gmm_entropy(state) for state in samples])  # the batched fit reproduces it
     before = snapshot(actor)
     logs = dacer.alpha_step(obs, noise, actor, log_alpha, a_optimizer, noise_std, target_entropy, args)
     assert logs["dacer/entropy"].item() == pytest.approx(entropy)

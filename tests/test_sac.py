@@ -318,3 +318,124 @@ def test_status_lines_without_a_terminal(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert lines and lines[-1].startswith("step 400/400: ") and "SPS" in lines[-1] and "ret" in lines[-1], lines[-3:]
     assert "eval" in lines[-1]
+
+
+# ---- reliability: no silent garbage, nothing lost on resume, honest errors ----
+NAN_ENV = """
+import gymnasium as gym
+import numpy as np
+
+class Glitchy(gym.Env):
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+    calls = 0
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(3, np.float32), {}
+
+    def step(self, action):
+        Glitchy.calls += 1  # from step GLITCH_FROM on, every reward is NaN
+        reward = float("nan") if Glitchy.calls >= GLITCH_FROM else 0.0
+        return np.zeros(3, np.float32), reward, False, False, {}
+
+class Discrete(gym.Env):
+    observation_space = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    action_space = gym.spaces.Discrete(3)
+
+class Broken(gym.Env):
+    def __init__(self):
+        raise RuntimeError("no licence server")
+
+gym.register("Glitchy-v0", entry_point=Glitchy, max_episode_steps=50)
+gym.register("Discrete-v0", entry_point=Discrete)
+gym.register("Broken-v0", entry_point=Broken)
+"""
+USER_ENV_FLAGS = ["--num-envs", "1", "--total-timesteps", "300", "--learning-starts", "100", "--batch-size", "16",
+                  "--hidden-dim", "16", "--log-every", "10", "--eval-freq", "0", "--final-eval-episodes", "1"]  # fmt: skip
+
+
+def user_envs(tmp_path, glitch_from: int) -> dict:
+    (tmp_path / "user_envs.py").write_text(NAN_ENV.replace("GLITCH_FROM", str(glitch_from)))
+    return {"PYTHONPATH": str(tmp_path)}
+
+
+def test_non_finite_env_data_is_counted_then_stops_the_run_in_one_line(tmp_path):
+    flags = ["--env-id", "user_envs:Glitchy-v0", *USER_ENV_FLAGS]
+    proc = run_algo("sac", *flags, cwd=tmp_path, check=False, extra_env=user_envs(tmp_path, glitch_from=150))
+    assert_one_line_error(proc, "env 0 of 'user_envs:Glitchy-v0' returned a non-finite observation or reward at step 160")
+    assert "final eval" not in proc.stdout and not list(tmp_path.glob("runs/*/final_eval.json"))
+    assert read_scalars(run_dirs(tmp_path)[0])["charts/nonfinite_env_transitions"][-1] == (159, 10.0)
+
+
+def test_envs_refused_at_construction_leave_nothing_behind(tmp_path):
+    extra = user_envs(tmp_path, glitch_from=10**9)
+    broken = "cannot make env 'user_envs:Broken-v0': RuntimeError: no licence server"
+    for env_id, fragment in (("user_envs:Discrete-v0", "needs a flat Box action space"), ("user_envs:Broken-v0", broken)):
+        proc = run_algo("sac", "--env-id", env_id, *USER_ENV_FLAGS, cwd=tmp_path, check=False, extra_env=extra)
+        assert_one_line_error(proc, fragment)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--total-timesteps", "20000"], "--learning-starts 30000 is not below --total-timesteps 20000: no update would run"),
+        (["--env-id", "envs:ChainReach4-v1"], "did you mean envs:ChainReach4-v0"),
+    ],
+)
+def test_more_bad_input_fails_in_one_line(tmp_path, flags, message):
+    proc = run_algo("sac", *flags, cwd=tmp_path, check=False)
+    assert_one_line_error(proc, message)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_keeps_everything_logged_and_refuses_what_it_cannot_change(tmp_path):
+    common = ["--env-id", "ChainReach4-v0", "--num-envs", "2", "--save-model", "--save-buffer", "--checkpoint-every", "200"]
+    run_algo("sac", *common, *TINY, cwd=tmp_path)
+    (run_dir,) = run_dirs(tmp_path)
+    checkpoint_path = tmp_path / "models" / run_dir.name / "checkpoint.pt"
+    before = read_scalars(run_dir)
+    # only the filled part of the preallocated buffer (5000 rows) is saved: 400 rows of 30 float32 observations
+    buffer = torch.load(checkpoint_path, weights_only=False)["replay_buffer"]
+    assert buffer["obs"].untyped_storage().nbytes() == 400 * 30 * 4
+    for flags, message in (
+        (["--batch-size", "64"], "--batch-size cannot change on --resume"),
+        (["--total-timesteps", "400"], "--total-timesteps 400 is not past the checkpoint's step 400"),
+    ):
+        proc = run_algo("sac", "--resume", str(checkpoint_path), *flags, cwd=tmp_path, check=False)
+        assert_one_line_error(proc, message)
+    run_algo("sac", "--resume", str(checkpoint_path), "--total-timesteps", "600", cwd=tmp_path)
+    after = read_scalars(run_dir)
+    for key in ("eval/episodic_return", "charts/episodic_return", "losses/qf1_loss"):  # nothing up to step 400 is lost
+        assert [p for p in after[key] if p[0] <= 400] == before[key], key
+
+
+def test_atomic_write_on_a_full_disk_exits_in_one_line_and_keeps_the_old_file(tmp_path, capsys):
+    import errno
+
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"old")
+
+    def fill_disk(f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(SystemExit) as exit_info:
+        sac.atomic_write(str(path), fill_disk)
+    assert "cannot write" in str(exit_info.value) and "No space left on device" in str(exit_info.value)
+    assert path.read_bytes() == b"old" and not (tmp_path / "checkpoint.pt.tmp").exists()
+
+
+def test_env_workers_give_the_same_run_bit_for_bit(tmp_path):
+    """The shared-memory env pool (--env-workers) steps the same envs as the in-process vector env."""
+    scalars = []
+    for workers in ("0", "2"):
+        (tmp_path / workers).mkdir()
+        proc = run_algo("sac", "--env-id", "ChainReach4-v0", "--num-envs", "3", "--env-workers", workers, "--no-cuda", *TINY,
+                        cwd=tmp_path / workers)  # fmt: skip
+        assert ("2 worker processes" in proc.stdout) == (workers == "2")
+        run = read_scalars(run_dirs(tmp_path / workers)[0])
+        scalars.append({k: v for k, v in run.items() if k != "charts/SPS"})
+    assert scalars[0] == scalars[1]
+

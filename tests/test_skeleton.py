@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 ALGOS = ("sac", "qflex", "crossq", "dacer", "sdac")
 MARKER = re.compile(r"^\s*# (TRY NOT TO MODIFY|ALGO LOGIC): (.+?)\s*$")
 ALLOWED_IMPORTS = {"envs", "torch", "numpy", "gymnasium", "tyro", "tqdm", "json", "math", "os", "random", "sys", "time",
-                   "copy", "dataclasses", "typing", "functools", "wandb", "zlib", "warnings", "sklearn"}  # fmt: skip
+                   "copy", "dataclasses", "typing", "functools", "wandb", "zlib", "warnings"}  # fmt: skip
 # Sections every file has, in this order (a file may add sections of its own between them).
 REQUIRED_SECTIONS = [
     ("TRY NOT TO MODIFY", "common arguments"),
