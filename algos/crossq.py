@@ -90,6 +90,10 @@ class Args:
     """episodes per periodic evaluation round (the algorithm's deterministic action, separate env)"""
     final_eval_episodes: int = 20
     """episodes of the final evaluation (the per-run score)"""
+    compile: bool = False
+    """torch.compile the update steps and the acting path"""
+    cudagraphs: bool = False
+    """CUDA only: capture the update as CUDA graphs; implies static shapes"""
 
     # ALGO LOGIC: algorithm specific arguments
     policy_lr: float | None = None
@@ -486,6 +490,8 @@ COMMON_ARG_CONSTRAINTS = (
     (lambda a: a.env_workers is None or a.env_workers >= 0, "--env-workers must be >= 0, got {env_workers}"),
     (lambda a: a.learning_starts < a.total_timesteps,
      "--learning-starts {learning_starts} is not below --total-timesteps {total_timesteps}: no update would run"),
+    (lambda a: not a.cudagraphs or (a.cuda and torch.cuda.is_available()),
+     "--cudagraphs needs a CUDA device, and this run has none (no CUDA available, or --no-cuda)"),
 )  # fmt: skip
 ARG_RULES = {
     "positive": lambda v: v > 0,
@@ -498,7 +504,7 @@ ARG_RULES = {
 # Flags a resumed run may change; everything else comes from the checkpoint so the run continues unchanged.
 RESUME_OVERRIDES = ("total_timesteps", "resume", "save_model", "checkpoint_every", "save_buffer", "cuda", "track",
                     "wandb_project_name", "wandb_entity", "capture_video", "log_every", "eval_freq", "async_envs",
-                    "env_workers")  # fmt: skip
+                    "env_workers", "compile", "cudagraphs")  # fmt: skip
 # Seconds between status lines when stdout is not a terminal (nohup, Slurm, CI); the environment may override it.
 STATUS_EVERY_S = float(os.environ.get("QFLEX_BENCH_STATUS_EVERY_S", "60"))
 
@@ -529,6 +535,20 @@ def validate_args(args: Args) -> None:
 def auto_env_workers(num_envs: int) -> int:
     """The default --env-workers: one worker per core (at most num_envs) from 8 envs on; fewer envs step in-process."""
     return min(os.cpu_count() or 1, num_envs) if num_envs >= 8 else 0
+
+
+# The torch.compile backend of --compile; the tests set "aot_eager" (no C++ code generation) to stay fast.
+COMPILE_BACKEND = "inductor"
+
+
+def maybe_compile(fn, args: Args):
+    """`fn` under torch.compile with --compile or --cudagraphs (mode "reduce-overhead", i.e. CUDA graphs, with
+    --cudagraphs; default mode otherwise), else `fn` itself: with both flags off the eager path is untouched."""
+    if not (args.compile or args.cudagraphs):
+        return fn
+    if COMPILE_BACKEND != "inductor":  # modes are inductor options
+        return torch.compile(fn, backend=COMPILE_BACKEND)
+    return torch.compile(fn, mode="reduce-overhead" if args.cudagraphs else None)
 
 
 def load_checkpoint(path: str, algo: str) -> dict:
@@ -728,12 +748,15 @@ if __name__ == "__main__":
     actor = Actor(obs_dim, act_dim, args.hidden_dim, args.num_layers, brn, args.separate_heads).to(device)
     qf1 = SoftQNetwork(obs_dim, act_dim, args.critic_hidden_dim, args.num_layers, brn).to(device)
     qf2 = SoftQNetwork(obs_dim, act_dim, args.critic_hidden_dim, args.num_layers, brn).to(device)
-    betas = (args.adam_beta1, 0.999)
-    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr, betas=betas)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, betas=betas)
+    adam = dict(betas=(args.adam_beta1, 0.999), capturable=args.cudagraphs)  # CUDA graphs: step count on the device
+    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr, **adam)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, **adam)
     target_entropy = -float(act_dim)
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=args.autotune)
-    a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
+    a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr, capturable=args.cudagraphs)
+    # --compile: every update step and the acting sample under torch.compile; without it these are the functions
+    critic_step_fn, actor_step_fn, alpha_step_fn = (maybe_compile(fn, args) for fn in (critic_step, actor_step, alpha_step))
+    sample_fn = maybe_compile(actor.sample, args)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device, replay_generator)
     action_counts = torch.zeros(2, dtype=torch.float64)  # saturated and all rollout action coordinates since the last log
     # Everything a checkpoint holds besides the counters; save and resume both read this one mapping. BatchRenorm
@@ -820,7 +843,7 @@ if __name__ == "__main__":
             actor.eval()
             with torch.no_grad():
                 noise = torch.randn((args.num_envs, act_dim), device=device, generator=act_generator)
-                actions, _ = actor.sample(torch.as_tensor(obs, device=device), noise, args.tanh_correction)
+                actions, _ = sample_fn(torch.as_tensor(obs, device=device), noise, args.tanh_correction)
             actions = actions.cpu().numpy()
             action_counts += torch.tensor([saturation_count(actions), actions.size], dtype=torch.float64)
 
@@ -861,15 +884,13 @@ if __name__ == "__main__":
                 # the actor step sees the critics' weights from before this update with the BatchRenorm statistics that the
                 # joint pass just wrote.
                 post_update = args.actor_critic_weights == "post-update"
-                logs.update(
-                    critic_step(batch, next_noise, actor, qf1, qf2, q_optimizer, log_alpha, args, step_optimizer=post_update)
-                )
+                logs.update(critic_step_fn(batch, next_noise, actor, qf1, qf2, q_optimizer, log_alpha, args, post_update))
                 if (num_updates + 1) % args.policy_delay == 0:  # after critic updates d, 2d, 3d, ... (d = policy_delay)
                     pi_noise = torch.randn((args.batch_size, act_dim), device=device, generator=update_generator)
-                    actor_logs, log_pi = actor_step(batch, pi_noise, actor, qf1, qf2, actor_optimizer, log_alpha, args)
+                    actor_logs, log_pi = actor_step_fn(batch, pi_noise, actor, qf1, qf2, actor_optimizer, log_alpha, args)
                     logs.update(actor_logs)
                     if args.autotune:
-                        logs.update(alpha_step(log_pi, log_alpha, a_optimizer, target_entropy, args.alpha_loss_form))
+                        logs.update(alpha_step_fn(log_pi, log_alpha, a_optimizer, target_entropy, args.alpha_loss_form))
                 if not post_update:
                     q_optimizer.step()
                 num_updates += 1

@@ -91,6 +91,10 @@ class Args:
     """episodes per periodic evaluation round (the algorithm's deterministic action, separate env)"""
     final_eval_episodes: int = 20
     """episodes of the final evaluation (the per-run score)"""
+    compile: bool = False
+    """torch.compile the update steps and the acting path"""
+    cudagraphs: bool = False
+    """CUDA only: capture the update as CUDA graphs; implies static shapes"""
 
     # ALGO LOGIC: algorithm specific arguments
     tau: float = 0.005
@@ -731,6 +735,8 @@ COMMON_ARG_CONSTRAINTS = (
     (lambda a: a.env_workers is None or a.env_workers >= 0, "--env-workers must be >= 0, got {env_workers}"),
     (lambda a: a.learning_starts < a.total_timesteps,
      "--learning-starts {learning_starts} is not below --total-timesteps {total_timesteps}: no update would run"),
+    (lambda a: not a.cudagraphs or (a.cuda and torch.cuda.is_available()),
+     "--cudagraphs needs a CUDA device, and this run has none (no CUDA available, or --no-cuda)"),
 )  # fmt: skip
 ARG_RULES = {
     "positive": lambda v: v > 0,
@@ -743,7 +749,7 @@ ARG_RULES = {
 # Flags a resumed run may change; everything else comes from the checkpoint so the run continues unchanged.
 RESUME_OVERRIDES = ("total_timesteps", "resume", "save_model", "checkpoint_every", "save_buffer", "cuda", "track",
                     "wandb_project_name", "wandb_entity", "capture_video", "log_every", "eval_freq", "async_envs",
-                    "env_workers")  # fmt: skip
+                    "env_workers", "compile", "cudagraphs")  # fmt: skip
 # Seconds between status lines when stdout is not a terminal (nohup, Slurm, CI); the environment may override it.
 STATUS_EVERY_S = float(os.environ.get("QFLEX_BENCH_STATUS_EVERY_S", "60"))
 
@@ -774,6 +780,20 @@ def validate_args(args: Args) -> None:
 def auto_env_workers(num_envs: int) -> int:
     """The default --env-workers: one worker per core (at most num_envs) from 8 envs on; fewer envs step in-process."""
     return min(os.cpu_count() or 1, num_envs) if num_envs >= 8 else 0
+
+
+# The torch.compile backend of --compile; the tests set "aot_eager" (no C++ code generation) to stay fast.
+COMPILE_BACKEND = "inductor"
+
+
+def maybe_compile(fn, args: Args):
+    """`fn` under torch.compile with --compile or --cudagraphs (mode "reduce-overhead", i.e. CUDA graphs, with
+    --cudagraphs; default mode otherwise), else `fn` itself: with both flags off the eager path is untouched."""
+    if not (args.compile or args.cudagraphs):
+        return fn
+    if COMPILE_BACKEND != "inductor":  # modes are inductor options
+        return torch.compile(fn, backend=COMPILE_BACKEND)
+    return torch.compile(fn, mode="reduce-overhead" if args.cudagraphs else None)
 
 
 def load_checkpoint(path: str, algo: str) -> dict:
@@ -980,12 +1000,19 @@ if __name__ == "__main__":
     qf2_target = DistributionalQNetwork(obs_dim, act_dim, **net_kwargs).to(device)
     qf1_target.load_state_dict(qf1.state_dict())
     qf2_target.load_state_dict(qf2.state_dict())
-    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
+    adam = dict(capturable=args.cudagraphs)  # CUDA graphs need the step count on the device
+    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr, **adam)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, **adam)
     policy_lr_end = args.policy_lr_end if args.lr_schedule == "linear" else args.policy_lr
     target_entropy = -args.target_entropy_scale * act_dim
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=args.autotune)
-    a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
+    a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr, **adam)
+    # --compile: the critic step, the sampling chain (acting and a') and the Polyak update under torch.compile. Eager:
+    # alpha_step (the GMM entropy fit iterates to convergence with data-dependent Python checks) and, with the linear
+    # lr schedule, actor_step (its Python-float lr changes every step, so each step would recompile).
+    critic_step_fn, polyak_update_fn = maybe_compile(critic_step, args), maybe_compile(polyak_update, args)
+    actor_step_fn = maybe_compile(actor_step, args) if args.lr_schedule == "constant" else actor_step
+    sample_fn = maybe_compile(actor.sample, args)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device, replay_generator)
     # b_i of the distributional loss: EMA of each critic's batch-mean std (-1 = not initialised yet).
     std_ema = torch.full((2,), -1.0, device=device)
@@ -1072,7 +1099,7 @@ if __name__ == "__main__":
             with torch.no_grad():
                 noise = actor.draw_noise(args.num_envs, act_generator)
                 noise_std = args.noise_scale * log_alpha.detach().exp()
-                actions = actor.sample(torch.as_tensor(obs, device=device), noise, noise_std)
+                actions = sample_fn(torch.as_tensor(obs, device=device), noise, noise_std)
             actions = actions.cpu().numpy()
 
         # TRY NOT TO MODIFY: execute the game and log data.
@@ -1110,7 +1137,7 @@ if __name__ == "__main__":
                 noise_std = args.noise_scale * log_alpha.detach().exp()  # kappa * alpha
                 next_noise = actor.draw_noise(args.batch_size, update_generator)
                 with torch.no_grad():
-                    next_actions = actor.sample(batch.next_obs, next_noise, noise_std)
+                    next_actions = sample_fn(batch.next_obs, next_noise, noise_std)
                 zeta = torch.randn(args.batch_size, device=device, generator=update_generator)
                 if args.autotune and num_updates % args.alpha_every == 0:
                     entropy_noise = actor.draw_noise(args.batch_size * args.entropy_samples, update_generator)
@@ -1122,13 +1149,13 @@ if __name__ == "__main__":
                     pi_noise = actor.draw_noise(args.batch_size, update_generator)
                     policy_steps = num_updates // args.policy_delay  # policy steps before this one
                     lr = linear_lr(policy_steps, args.policy_lr, policy_lr_end, args.lr_decay_begin, args.lr_decay_steps)
-                    logs.update(actor_step(batch, pi_noise, actor, qf1, qf2, actor_optimizer, noise_std, lr))
+                    logs.update(actor_step_fn(batch, pi_noise, actor, qf1, qf2, actor_optimizer, noise_std, lr))
                 logs.update(
-                    critic_step(batch, next_actions, zeta, qf1, qf2, qf1_target, qf2_target, q_optimizer, std_ema, args)
+                    critic_step_fn(batch, next_actions, zeta, qf1, qf2, qf1_target, qf2_target, q_optimizer, std_ema, args)
                 )
                 if policy_update:
-                    polyak_update(qf1, qf1_target, args.tau)
-                    polyak_update(qf2, qf2_target, args.tau)
+                    polyak_update_fn(qf1, qf1_target, args.tau)
+                    polyak_update_fn(qf2, qf2_target, args.tau)
                 num_updates += 1
                 nonfinite |= nonfinite_loss(logs)
                 if num_updates % args.log_every == 0:

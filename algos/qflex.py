@@ -91,6 +91,10 @@ class Args:
     """episodes per periodic evaluation round (the algorithm's deterministic action, separate env)"""
     final_eval_episodes: int = 20
     """episodes of the final evaluation (the per-run score)"""
+    compile: bool = False
+    """torch.compile the update steps and the acting path"""
+    cudagraphs: bool = False
+    """CUDA only: capture the update as CUDA graphs; implies static shapes"""
 
     # ALGO LOGIC: algorithm specific arguments
     policy_lr: float | None = None
@@ -493,6 +497,8 @@ COMMON_ARG_CONSTRAINTS = (
     (lambda a: a.env_workers is None or a.env_workers >= 0, "--env-workers must be >= 0, got {env_workers}"),
     (lambda a: a.learning_starts < a.total_timesteps,
      "--learning-starts {learning_starts} is not below --total-timesteps {total_timesteps}: no update would run"),
+    (lambda a: not a.cudagraphs or (a.cuda and torch.cuda.is_available()),
+     "--cudagraphs needs a CUDA device, and this run has none (no CUDA available, or --no-cuda)"),
 )  # fmt: skip
 ARG_RULES = {
     "positive": lambda v: v > 0,
@@ -505,7 +511,7 @@ ARG_RULES = {
 # Flags a resumed run may change; everything else comes from the checkpoint so the run continues unchanged.
 RESUME_OVERRIDES = ("total_timesteps", "resume", "save_model", "checkpoint_every", "save_buffer", "cuda", "track",
                     "wandb_project_name", "wandb_entity", "capture_video", "log_every", "eval_freq", "async_envs",
-                    "env_workers")  # fmt: skip
+                    "env_workers", "compile", "cudagraphs")  # fmt: skip
 # Seconds between status lines when stdout is not a terminal (nohup, Slurm, CI); the environment may override it.
 STATUS_EVERY_S = float(os.environ.get("QFLEX_BENCH_STATUS_EVERY_S", "60"))
 
@@ -536,6 +542,20 @@ def validate_args(args: Args) -> None:
 def auto_env_workers(num_envs: int) -> int:
     """The default --env-workers: one worker per core (at most num_envs) from 8 envs on; fewer envs step in-process."""
     return min(os.cpu_count() or 1, num_envs) if num_envs >= 8 else 0
+
+
+# The torch.compile backend of --compile; the tests set "aot_eager" (no C++ code generation) to stay fast.
+COMPILE_BACKEND = "inductor"
+
+
+def maybe_compile(fn, args: Args):
+    """`fn` under torch.compile with --compile or --cudagraphs (mode "reduce-overhead", i.e. CUDA graphs, with
+    --cudagraphs; default mode otherwise), else `fn` itself: with both flags off the eager path is untouched."""
+    if not (args.compile or args.cudagraphs):
+        return fn
+    if COMPILE_BACKEND != "inductor":  # modes are inductor options
+        return torch.compile(fn, backend=COMPILE_BACKEND)
+    return torch.compile(fn, mode="reduce-overhead" if args.cudagraphs else None)
 
 
 def load_checkpoint(path: str, algo: str) -> dict:
@@ -737,10 +757,15 @@ if __name__ == "__main__":
     velocity = VelocityField(obs_dim, act_dim, **net_kwargs).to(device)
     # phi-bar: frozen copies that receive the critics' pre-step weights and post-pass BRN statistics every update
     qf1_bar, qf2_bar = copy.deepcopy(qf1).requires_grad_(False), copy.deepcopy(qf2).requires_grad_(False)
-    adam = dict(betas=(0.5, 0.999), eps=1e-8)  # reference optimiser: beta1 0.5, constant lr, no weight decay
+    # reference optimiser: beta1 0.5, constant lr, no weight decay; CUDA graphs need the step count on the device
+    adam = dict(betas=(0.5, 0.999), eps=1e-8, capturable=args.cudagraphs)
     q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr, **adam)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, **adam)
     flow_optimizer = torch.optim.Adam(velocity.parameters(), lr=args.flow_lr, **adam)
+    # --compile: the critic and actor steps and the acting path under torch.compile. flow_step stays eager: its
+    # q_guided_flow takes torch.autograd.grad in a Python loop inside the step, which does not trace into one graph.
+    critic_step_fn, actor_step_fn = maybe_compile(critic_step, args), maybe_compile(actor_step, args)
+    sample_fn, euler_sample_fn = maybe_compile(actor.sample, args), maybe_compile(euler_sample, args)
     # z_fix: the evaluation noise, one vector drawn once from a generator seeded with 0, identical for every seed
     z_fix = torch.randn(act_dim, generator=torch.Generator().manual_seed(0)).to(device)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device, replay_generator)
@@ -834,9 +859,9 @@ if __name__ == "__main__":
                 velocity.eval()
                 obs_tensor = torch.as_tensor(obs, device=device)
                 noise = torch.randn((args.num_envs, act_dim), device=device, generator=act_generator)
-                actions = actor.sample(obs_tensor, noise)
+                actions = sample_fn(obs_tensor, noise)
                 if args.flow:
-                    actions = euler_sample(velocity, obs_tensor, actions, args.euler_steps)
+                    actions = euler_sample_fn(velocity, obs_tensor, actions, args.euler_steps)
             actions = actions.cpu().numpy()  # stored unclipped; the env wrapper clips before rescaling
 
         # TRY NOT TO MODIFY: execute the game and log data.
@@ -872,8 +897,8 @@ if __name__ == "__main__":
                 batch = Batch(*(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) for x in rb.sample(args.batch_size)))
                 # one noise draw per update, shared by a' (critic step), a~ (actor step) and a0 (flow step)
                 noise = torch.randn((args.batch_size, act_dim), device=device, generator=update_generator)
-                logs.update(critic_step(batch, noise, actor, qf1, qf2, qf1_bar, qf2_bar, q_optimizer, args))
-                logs.update(actor_step(batch, noise, actor, qf1_bar, qf2_bar, actor_optimizer))
+                logs.update(critic_step_fn(batch, noise, actor, qf1, qf2, qf1_bar, qf2_bar, q_optimizer, args))
+                logs.update(actor_step_fn(batch, noise, actor, qf1_bar, qf2_bar, actor_optimizer))
                 flow_pair = None
                 if args.flow:
                     t = torch.rand(args.batch_size, device=device, generator=update_generator)

@@ -89,6 +89,10 @@ class Args:
     """episodes per periodic evaluation round (the algorithm's deterministic action, separate env)"""
     final_eval_episodes: int = 20
     """episodes of the final evaluation (the per-run score)"""
+    compile: bool = False
+    """torch.compile the update steps and the acting path"""
+    cudagraphs: bool = False
+    """CUDA only: capture the update as CUDA graphs; implies static shapes"""
 
     # ALGO LOGIC: algorithm specific arguments
     tau: float = 0.005
@@ -312,6 +316,8 @@ COMMON_ARG_CONSTRAINTS = (
     (lambda a: a.env_workers is None or a.env_workers >= 0, "--env-workers must be >= 0, got {env_workers}"),
     (lambda a: a.learning_starts < a.total_timesteps,
      "--learning-starts {learning_starts} is not below --total-timesteps {total_timesteps}: no update would run"),
+    (lambda a: not a.cudagraphs or (a.cuda and torch.cuda.is_available()),
+     "--cudagraphs needs a CUDA device, and this run has none (no CUDA available, or --no-cuda)"),
 )  # fmt: skip
 ARG_RULES = {
     "positive": lambda v: v > 0,
@@ -324,7 +330,7 @@ ARG_RULES = {
 # Flags a resumed run may change; everything else comes from the checkpoint so the run continues unchanged.
 RESUME_OVERRIDES = ("total_timesteps", "resume", "save_model", "checkpoint_every", "save_buffer", "cuda", "track",
                     "wandb_project_name", "wandb_entity", "capture_video", "log_every", "eval_freq", "async_envs",
-                    "env_workers")  # fmt: skip
+                    "env_workers", "compile", "cudagraphs")  # fmt: skip
 # Seconds between status lines when stdout is not a terminal (nohup, Slurm, CI); the environment may override it.
 STATUS_EVERY_S = float(os.environ.get("QFLEX_BENCH_STATUS_EVERY_S", "60"))
 
@@ -355,6 +361,20 @@ def validate_args(args: Args) -> None:
 def auto_env_workers(num_envs: int) -> int:
     """The default --env-workers: one worker per core (at most num_envs) from 8 envs on; fewer envs step in-process."""
     return min(os.cpu_count() or 1, num_envs) if num_envs >= 8 else 0
+
+
+# The torch.compile backend of --compile; the tests set "aot_eager" (no C++ code generation) to stay fast.
+COMPILE_BACKEND = "inductor"
+
+
+def maybe_compile(fn, args: Args):
+    """`fn` under torch.compile with --compile or --cudagraphs (mode "reduce-overhead", i.e. CUDA graphs, with
+    --cudagraphs; default mode otherwise), else `fn` itself: with both flags off the eager path is untouched."""
+    if not (args.compile or args.cudagraphs):
+        return fn
+    if COMPILE_BACKEND != "inductor":  # modes are inductor options
+        return torch.compile(fn, backend=COMPILE_BACKEND)
+    return torch.compile(fn, mode="reduce-overhead" if args.cudagraphs else None)
 
 
 def load_checkpoint(path: str, algo: str) -> dict:
@@ -561,11 +581,15 @@ if __name__ == "__main__":
     qf2_target = SoftQNetwork(obs_dim, act_dim, **net_kwargs).to(device)
     qf1_target.load_state_dict(qf1.state_dict())
     qf2_target.load_state_dict(qf2.state_dict())
-    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
+    adam = dict(capturable=args.cudagraphs)  # CUDA graphs need the step count on the device
+    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr, **adam)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, **adam)
     target_entropy = -float(act_dim)
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=args.autotune)
-    a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
+    a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr, **adam)
+    # --compile: every update step and the acting sample under torch.compile; without it these are the functions
+    critic_step_fn, actor_step_fn, alpha_step_fn = (maybe_compile(fn, args) for fn in (critic_step, actor_step, alpha_step))
+    polyak_update_fn, sample_fn = maybe_compile(polyak_update, args), maybe_compile(actor.sample, args)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device, replay_generator)
     # Everything a checkpoint holds besides the counters; save and resume both read this one mapping.
     stateful = dict(actor=actor, qf1=qf1, qf2=qf2, qf1_target=qf1_target, qf2_target=qf2_target, q_optimizer=q_optimizer,
@@ -648,7 +672,7 @@ if __name__ == "__main__":
         else:
             with torch.no_grad():
                 noise = torch.randn((args.num_envs, act_dim), device=device, generator=act_generator)
-                actions, _ = actor.sample(torch.as_tensor(obs, device=device), noise)
+                actions, _ = sample_fn(torch.as_tensor(obs, device=device), noise)
             actions = actions.cpu().numpy()
 
         # TRY NOT TO MODIFY: execute the game and log data.
@@ -683,12 +707,12 @@ if __name__ == "__main__":
                 batch = rb.sample(args.batch_size)
                 next_noise = torch.randn((args.batch_size, act_dim), device=device, generator=update_generator)
                 logs.update(
-                    critic_step(batch, next_noise, actor, qf1, qf2, qf1_target, qf2_target, q_optimizer, log_alpha, args)
+                    critic_step_fn(batch, next_noise, actor, qf1, qf2, qf1_target, qf2_target, q_optimizer, log_alpha, args)
                 )
                 if num_updates % args.policy_frequency == 0:  # TD3-style delay, compensated by policy_frequency steps
                     for _ in range(args.policy_frequency):
                         pi_noise = torch.randn((args.batch_size, act_dim), device=device, generator=update_generator)
-                        actor_logs, log_pi = actor_step(batch, pi_noise, actor, qf1, qf2, actor_optimizer, log_alpha, args)
+                        actor_logs, log_pi = actor_step_fn(batch, pi_noise, actor, qf1, qf2, actor_optimizer, log_alpha, args)
                         logs.update(actor_logs)
                         if args.autotune and paper:  # CleanRL: log pi of a fresh sample, loss written in alpha
                             with torch.no_grad():
@@ -696,11 +720,11 @@ if __name__ == "__main__":
                                     (args.batch_size, act_dim), device=device, generator=update_generator
                                 )
                                 _, log_pi = actor.sample(batch.obs, alpha_noise)
-                            logs.update(alpha_step(log_pi, log_alpha, a_optimizer, target_entropy, "alpha"))
+                            logs.update(alpha_step_fn(log_pi, log_alpha, a_optimizer, target_entropy, "alpha"))
                         elif args.autotune:  # relax: the actor step's log pi, loss written in log alpha
-                            logs.update(alpha_step(log_pi, log_alpha, a_optimizer, target_entropy, "log-alpha"))
-                polyak_update(qf1, qf1_target, args.tau)
-                polyak_update(qf2, qf2_target, args.tau)
+                            logs.update(alpha_step_fn(log_pi, log_alpha, a_optimizer, target_entropy, "log-alpha"))
+                polyak_update_fn(qf1, qf1_target, args.tau)
+                polyak_update_fn(qf2, qf2_target, args.tau)
                 num_updates += 1
                 nonfinite |= nonfinite_loss(logs)
                 if num_updates % args.log_every == 0:

@@ -91,6 +91,10 @@ class Args:
     """episodes per periodic evaluation round (the algorithm's deterministic action, separate env)"""
     final_eval_episodes: int = 20
     """episodes of the final evaluation (the per-run score)"""
+    compile: bool = False
+    """torch.compile the update steps and the acting path"""
+    cudagraphs: bool = False
+    """CUDA only: capture the update as CUDA graphs; implies static shapes"""
 
     # ALGO LOGIC: algorithm specific arguments
     tau: float = 0.005
@@ -454,6 +458,8 @@ COMMON_ARG_CONSTRAINTS = (
     (lambda a: a.env_workers is None or a.env_workers >= 0, "--env-workers must be >= 0, got {env_workers}"),
     (lambda a: a.learning_starts < a.total_timesteps,
      "--learning-starts {learning_starts} is not below --total-timesteps {total_timesteps}: no update would run"),
+    (lambda a: not a.cudagraphs or (a.cuda and torch.cuda.is_available()),
+     "--cudagraphs needs a CUDA device, and this run has none (no CUDA available, or --no-cuda)"),
 )  # fmt: skip
 ARG_RULES = {
     "positive": lambda v: v > 0,
@@ -466,7 +472,7 @@ ARG_RULES = {
 # Flags a resumed run may change; everything else comes from the checkpoint so the run continues unchanged.
 RESUME_OVERRIDES = ("total_timesteps", "resume", "save_model", "checkpoint_every", "save_buffer", "cuda", "track",
                     "wandb_project_name", "wandb_entity", "capture_video", "log_every", "eval_freq", "async_envs",
-                    "env_workers")  # fmt: skip
+                    "env_workers", "compile", "cudagraphs")  # fmt: skip
 # Seconds between status lines when stdout is not a terminal (nohup, Slurm, CI); the environment may override it.
 STATUS_EVERY_S = float(os.environ.get("QFLEX_BENCH_STATUS_EVERY_S", "60"))
 
@@ -497,6 +503,20 @@ def validate_args(args: Args) -> None:
 def auto_env_workers(num_envs: int) -> int:
     """The default --env-workers: one worker per core (at most num_envs) from 8 envs on; fewer envs step in-process."""
     return min(os.cpu_count() or 1, num_envs) if num_envs >= 8 else 0
+
+
+# The torch.compile backend of --compile; the tests set "aot_eager" (no C++ code generation) to stay fast.
+COMPILE_BACKEND = "inductor"
+
+
+def maybe_compile(fn, args: Args):
+    """`fn` under torch.compile with --compile or --cudagraphs (mode "reduce-overhead", i.e. CUDA graphs, with
+    --cudagraphs; default mode otherwise), else `fn` itself: with both flags off the eager path is untouched."""
+    if not (args.compile or args.cudagraphs):
+        return fn
+    if COMPILE_BACKEND != "inductor":  # modes are inductor options
+        return torch.compile(fn, backend=COMPILE_BACKEND)
+    return torch.compile(fn, mode="reduce-overhead" if args.cudagraphs else None)
 
 
 def load_checkpoint(path: str, algo: str) -> dict:
@@ -704,11 +724,17 @@ if __name__ == "__main__":
     qf2_target = QNetwork(obs_dim, act_dim, **net_kwargs).to(device)
     qf1_target.load_state_dict(qf1.state_dict())
     qf2_target.load_state_dict(qf2.state_dict())
-    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
+    adam = dict(capturable=args.cudagraphs)  # CUDA graphs need the step count on the device
+    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr, **adam)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, **adam)
     target_entropy = -args.target_entropy_scale * act_dim
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=args.autotune)
-    a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr)
+    a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr, **adam)
+    # --compile: the critic and alpha steps and the Polyak updates under torch.compile. Eager: best_of_n (acting and
+    # a0/a'; it draws from a torch.Generator inside, which does not trace) and actor_step (its Python-float lr follows
+    # the linear schedule, so each step would recompile).
+    critic_step_fn, alpha_step_fn = maybe_compile(critic_step, args), maybe_compile(alpha_step, args)
+    polyak_update_fn = maybe_compile(polyak_update, args)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device, replay_generator)
     # effective sample size of the reverse-sample weights, summed per diffusion step t between logs
     ess_sum = torch.zeros(args.num_timesteps, device=device)
@@ -855,13 +881,13 @@ if __name__ == "__main__":
                     ess_sum.index_add_(0, t, ess)
                     ess_count.index_add_(0, t, torch.ones_like(ess))
                 next_actions = bon_actions[: args.batch_size]
-                logs.update(critic_step(batch, next_actions, qf1, qf2, qf1_target, qf2_target, q_optimizer, args))
+                logs.update(critic_step_fn(batch, next_actions, qf1, qf2, qf1_target, qf2_target, q_optimizer, args))
                 if args.autotune and num_updates % args.alpha_every == 0:
-                    logs.update(alpha_step(log_alpha, a_optimizer, target_entropy, act_dim, args.noise_scale))
+                    logs.update(alpha_step_fn(log_alpha, a_optimizer, target_entropy, act_dim, args.noise_scale))
                 if policy_step:  # the target critics and the EMA policy
-                    polyak_update(qf1, qf1_target, args.tau)
-                    polyak_update(qf2, qf2_target, args.tau)
-                    polyak_update(actor, actor_ema, args.tau)
+                    polyak_update_fn(qf1, qf1_target, args.tau)
+                    polyak_update_fn(qf2, qf2_target, args.tau)
+                    polyak_update_fn(actor, actor_ema, args.tau)
                 num_updates += 1
                 nonfinite |= nonfinite_loss(logs)
                 if num_updates % args.log_every == 0:

@@ -438,4 +438,3 @@ def test_env_workers_give_the_same_run_bit_for_bit(tmp_path):
         run = read_scalars(run_dirs(tmp_path / workers)[0])
         scalars.append({k: v for k, v in run.items() if k != "charts/SPS"})
     assert scalars[0] == scalars[1]
-
