@@ -64,9 +64,20 @@ class DiscreteEnv(RaisingEnv):
     action_space = gym.spaces.Discrete(3)
 
 
+class SlowEnv(RaisingEnv):
+    """Envs reset first with seed >= 3 (worker 1's in a 5-env, 2-worker pool) take 2 s per step, so that worker is
+    certainly still stepping when the test kills it; the others answer at once."""
+
+    def step(self, action):
+        if self.first_seed >= 3:
+            time.sleep(2.0)
+        return np.zeros(1, np.float32), 0.0, False, False, {}
+
+
 gym.register("TestPoolFlip-v0", entry_point=FlipEnv, max_episode_steps=6)
 gym.register("TestPoolRaise-v0", entry_point=RaisingEnv)
 gym.register("TestPoolDiscrete-v0", entry_point=DiscreteEnv)
+gym.register("TestPoolSlow-v0", entry_point=SlowEnv)
 
 
 def assert_same(a, b, path="infos"):
@@ -228,16 +239,19 @@ def test_build_errors_are_one_line():
 
 @pytest.mark.parametrize("in_flight", [False, True])
 def test_killed_worker_is_detected(in_flight):
-    pool = EnvPool("ChainReach4-v0", 5, 0, 2)
+    """Killed between steps, or mid-step (a 2 s step, so the kill always lands while the worker is stepping)."""
+    env_id = "TestPoolSlow-v0" if in_flight else "ChainReach4-v0"
+    pool = EnvPool(env_id, 5, 0, 2)
     pids = pool.worker_pids
     pool.reset(seed=0)
-    actions = np.zeros((5, 8), np.float32)
-    pool.step(actions)
+    actions = np.zeros((5, 1 if in_flight else 8), np.float32)
     if in_flight:
         pool.step_async(actions)
+    else:
+        pool.step(actions)
     os.kill(pids[1], signal.SIGKILL)
     start = time.monotonic()
-    with pytest.raises(EnvPoolError, match=r"worker 1 \(envs 3-4 of 'ChainReach4-v0'\) died \(exit code -9, SIGKILL\)"):
+    with pytest.raises(EnvPoolError, match=rf"worker 1 \(envs 3-4 of '{env_id}'\) died \(exit code -9, SIGKILL\)"):
         pool.step_wait() if in_flight else pool.step(actions)
     assert time.monotonic() - start < 3
     assert pool.closed and not wait_gone(pids)
