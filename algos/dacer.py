@@ -1088,9 +1088,10 @@ if __name__ == "__main__":
     if args.eval_freq and global_step == 0:  # the untrained policy, so every curve starts at step 0
         evaluate_and_log(args.eval_episodes)
     start_time = time.time()
-    obs, _ = (
-        (checkpoint["obs"], None) if checkpoint and "env_state" in checkpoint else envs.reset(seed=args.seed + global_step)
-    )
+    if checkpoint and "env_state" in checkpoint:  # the envs were restored with the rest; their observation too
+        obs = checkpoint["obs"]
+    else:
+        obs, _ = envs.reset(seed=args.seed + global_step)
     while global_step < args.total_timesteps:
         # ALGO LOGIC: put action logic here
         if global_step < args.learning_starts:
@@ -1121,9 +1122,11 @@ if __name__ == "__main__":
             finite = env_guard.finite_rows(obs, rewards, step.real_next_obs, global_step)
         except EnvError as e:
             sys.exit(f"{args.exp_name}.py: error: {e}")
-        if not finite.all():
+        transitions = (obs, actions, rewards, step.real_next_obs, step.terminated, step.truncated)
+        if not finite.all():  # copies only on the rare steps that have a bad row
             writer.add_scalar("charts/nonfinite_env_transitions", env_guard.count, global_step)
-        rb.add(*(x[finite] for x in (obs, actions, rewards, step.real_next_obs, step.terminated, step.truncated)))
+            transitions = tuple(x[finite] for x in transitions)
+        rb.add(*transitions)
 
         # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
         obs = next_obs
