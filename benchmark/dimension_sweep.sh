@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Claim 1 of the Qflex paper at a 2-core budget: final score vs the number of actuators |A|.
+# ChainReach{4,16,64,256}-v0 (|A| = 8, 32, 128, 512) x every algorithm at its file's default preset
+# (qflex-protocol), plus SAC at its `paper` preset (sac_paper: the baseline that learns fastest at this budget),
+# at one shared budget and width chosen by measurement (docs/analysis.md): 4 envs, 1k uniform warm-up transitions,
+# 20k transitions (4,750 updates of batch 128), hidden width 64, evaluations of 5 episodes every 5k transitions and a
+# final one of 10. Seeds 1-5 for qflex, sac and sac_paper, 1-3 for crossq, dacer and sdac (4 particles instead of 32,
+# as in cpu_budget.sh). Runs are ordered so that 3 seeds of everything finish first. Rerunning resumes the sweep.
+#   bash benchmark/dimension_sweep.sh            # OUT=sweeps/dimension WORKERS=2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-sweeps/dimension}
+WORKERS=${WORKERS:-2}
+ENVS=(ChainReach4-v0 ChainReach16-v0 ChainReach64-v0 ChainReach256-v0)
+COMMON=(--num-envs 4 --learning-starts 1000 --total-timesteps 20000 --batch-size 128 --hidden-dim 64
+    --eval-freq 5000 --eval-episodes 5 --final-eval-episodes 10)
+status=0
+sweep() {  # sweep RUNS_DIR "ALGOS" "SEEDS" [extra algorithm flags]
+    local dir=$1 algos=$2 seeds=$3
+    shift 3
+    # shellcheck disable=SC2086
+    python benchmark/run.py --algos $algos --env-ids "${ENVS[@]}" --seeds $seeds --workers "$WORKERS" \
+        --runs-dir "$dir" -- "${COMMON[@]}" "$@" || status=$?
+}
+sweep "$OUT/main" "qflex sac" "1 2 3"
+sweep "$OUT/sac_paper" "sac" "1 2 3" --preset paper --exp-name sac_paper
+sweep "$OUT/main" "crossq dacer" "1 2 3"
+sweep "$OUT/main" "sdac" "1 2 3" --num-particles 4
+sweep "$OUT/main" "qflex sac" "4 5"
+sweep "$OUT/sac_paper" "sac" "4 5" --preset paper --exp-name sac_paper
+exit $status
