@@ -19,6 +19,9 @@ for _name in ("WANDB_MODE", "HF_HUB_OFFLINE", "MUJOCO_GL"):  # the in-process te
 def load_script(relative_path: str, name: str | None = None):
     """Import a script such as "algos/qflex.py" as a module (its `__main__` block does not run) to test its functions."""
     path = REPO / relative_path
+    mutant = os.environ.get("QFLEX_BENCH_MUTANT", "")  # tests/mutate.py: "algos/x.py=/tmp/mutant.py"
+    if mutant.startswith(f"{relative_path}="):
+        path = Path(mutant.split("=", 1)[1])
     spec = importlib.util.spec_from_file_location(name or f"{path.stem}_under_test", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
@@ -30,6 +33,8 @@ def run_script(
     relative_path: str, *flags: str, cwd: Path, check: bool = True, timeout: float = 900, extra_env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Run `python <repo>/<relative_path> FLAGS` in `cwd`; return the finished process (stdout+stderr in .stdout)."""
+    if os.environ.get("QFLEX_BENCH_MUTATION"):
+        pytest.skip("tests/mutate.py runs the in-process tests only")
     env = {**os.environ, **TEST_ENV, **(extra_env or {})}
     proc = subprocess.run([sys.executable, str(REPO / relative_path), *flags], cwd=cwd, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)  # fmt: skip
