@@ -73,6 +73,9 @@ class Args:
     env_workers: int | None = None
     """worker processes that step the envs through shared memory, with the same transitions bit for bit (0: step them
     in this process; default: one per core, at most num_envs, when num_envs >= 8, else 0)"""
+    overlap: bool | None = None
+    """train while the envs step; the update then samples the buffer as it stood before this vector step (default: on
+    when the envs step in other processes, i.e. with --env-workers > 0 or --async-envs)"""
     buffer_size: int = 1_000_000
     """the replay memory buffer size (transitions)"""
     gamma: float = 0.99
@@ -559,6 +562,7 @@ if __name__ == "__main__":
         warmup_rng = np.random.default_rng(args.seed)
         eval_seed = args.seed + 10_000
         env_workers = args.env_workers if args.env_workers is not None else auto_env_workers(args.num_envs)
+        args.overlap = bool(env_workers or args.async_envs) if args.overlap is None else args.overlap
         envs, eval_env = make_envs(args.env_id, args.num_envs, args.seed, args.async_envs, run_name, args.capture_video,
                                    video_every=args.eval_episodes, eval_seed=eval_seed, env_workers=env_workers)  # fmt: skip
         if checkpoint and "env_state" in checkpoint:  # the envs continue exactly where the checkpoint left them
@@ -628,6 +632,7 @@ if __name__ == "__main__":
     versions = {"torch": torch.__version__, "gymnasium": gym.__version__, "numpy": np.__version__}
     atomic_write_json(dict(vars(args), run_name=run_name, versions=versions), f"runs/{run_name}/config.json")
     where = f"{env_workers} worker processes" if env_workers else "this process"
+    where += ", overlapped with the updates" if args.overlap else ""
     print(f"{run_name}: preset {args.preset}, " + ", ".join(f"{k}={getattr(args, k)}" for k in PRESETS[args.preset])
           + f"; {args.num_envs} envs stepped in {where}")  # fmt: skip
 
@@ -666,20 +671,10 @@ if __name__ == "__main__":
         obs = checkpoint["obs"]
     else:
         obs, _ = envs.reset(seed=args.seed + global_step)
-    while global_step < args.total_timesteps:
-        # ALGO LOGIC: put action logic here
-        if global_step < args.learning_starts:
-            actions = warmup_rng.uniform(-1.0, 1.0, (args.num_envs, act_dim)).astype(np.float32)
-        else:
-            with torch.no_grad():
-                noise = torch.randn((args.num_envs, act_dim), device=device, generator=act_generator)
-                actions, _ = sample_fn(torch.as_tensor(obs, device=device), noise)
-            actions = actions.cpu().numpy()
 
-        # TRY NOT TO MODIFY: execute the game and log data.
-        next_obs, rewards, terminations, truncations, infos = envs.step(actions)
-        prev_step, global_step = global_step, global_step + args.num_envs
-        progress.update(args.num_envs, global_step)
+    def receive_step(obs, actions):
+        """Wait for the vector step the envs are taking, log its finished episodes, store its transitions; the next obs."""
+        next_obs, rewards, terminations, truncations, infos = envs.step_wait()
 
         # TRY NOT TO MODIFY: record rewards for plotting purposes
         step = split_vector_step(next_obs, terminations, truncations, infos)
@@ -702,7 +697,24 @@ if __name__ == "__main__":
         rb.add(*transitions)
 
         # TRY NOT TO MODIFY: CRUCIAL step easy to overlook
-        obs = next_obs
+        return next_obs  # becomes obs
+
+    while global_step < args.total_timesteps:
+        # ALGO LOGIC: put action logic here
+        if global_step < args.learning_starts:
+            actions = warmup_rng.uniform(-1.0, 1.0, (args.num_envs, act_dim)).astype(np.float32)
+        else:
+            with torch.no_grad():
+                noise = torch.randn((args.num_envs, act_dim), device=device, generator=act_generator)
+                actions, _ = sample_fn(torch.as_tensor(obs, device=device), noise)
+            actions = actions.cpu().numpy()
+
+        # TRY NOT TO MODIFY: execute the game and log data.
+        envs.step_async(actions)
+        prev_step, global_step = global_step, global_step + args.num_envs
+        progress.update(args.num_envs, global_step)
+        if not args.overlap:  # the update below samples the buffer with this vector step's transitions
+            obs = receive_step(obs, actions)
 
         # ALGO LOGIC: training.
         if global_step >= args.learning_starts and rb.size >= args.batch_size:
@@ -738,6 +750,10 @@ if __name__ == "__main__":
                     writer.add_scalar("charts/SPS", sps, global_step)
                     writer.add_scalar("charts/updates", num_updates, global_step)
                     progress.set(SPS=sps)
+
+        # TRY NOT TO MODIFY: with --overlap, receive the vector step the envs took during the update
+        if args.overlap:
+            obs = receive_step(obs, actions)
 
         # TRY NOT TO MODIFY: evaluation and checkpoints, when global_step crosses a multiple of their period
         if args.eval_freq and crossed(prev_step, global_step, args.eval_freq) and global_step < args.total_timesteps:

@@ -115,7 +115,7 @@ step pytest "$PYTEST_S" "$SPEED_RESERVE" $PYTHON -m pytest -q -n 4 -m "not slow"
 LOGS=/tmp/gpu_check_logs.$$
 SPEED_S=$(($(left) - 5))
 step speed "$SPEED_S" 5 $PYTHON benchmark/speed.py --algos "${ALGOS[@]}" --variants eager compile cudagraphs \
-    --num-envs "$NUM_ENVS" --env-workers "$WORKERS" --env-seconds 2 --sps-updates 150 --updates 400 \
+    --sps-variants eager no-overlap --num-envs "$NUM_ENVS" --env-workers "$WORKERS" --env-seconds 2 --sps-updates 150 --updates 400 \
     --updates-per-step 8 --points 8 --timeout 90 --deadline $((SPEED_S - 45)) --out "$RESULTS/speed.md" --logs-dir "$LOGS"
 if [[ $DRY != 1 ]]; then
     tar -czf "$RESULTS/speed_logs.tar.gz" -C "$LOGS" . 2>/dev/null && rm -rf "$LOGS"

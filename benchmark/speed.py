@@ -46,7 +46,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ALGOS = ["sac", "qflex", "crossq", "dacer", "sdac"]
-VARIANT_FLAGS = {"eager": [], "compile": ["--compile"], "cudagraphs": ["--cudagraphs"]}
+# "no-overlap" (SPS rows only): the default command with the update and the env step one after the other.
+VARIANT_FLAGS = {"eager": [], "compile": ["--compile"], "cudagraphs": ["--cudagraphs"], "no-overlap": ["--overlap", "False"]}
 CHILD_ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "MUJOCO_GL": "egl", "PYTHONUNBUFFERED": "1"}
 BOX = "│╭╮╰╯─┃━┏┓┗┛ \t"
 
@@ -348,7 +349,7 @@ def main() -> None:
     parser.add_argument("--num-envs", type=int, default=16, help="E of the env rows (a) and the SPS rows (b)")
     parser.add_argument("--env-workers", type=int, default=None,
                         help="W of (a) and (b) (default: the scripts' own, one per core up to E from E = 8)")  # fmt: skip
-    parser.add_argument("--variants", nargs="+", default=list(VARIANT_FLAGS), choices=list(VARIANT_FLAGS),
+    parser.add_argument("--variants", nargs="+", default=["eager", "compile", "cudagraphs"], choices=list(VARIANT_FLAGS),
                         help="variants of the ms/update rows (c)")  # fmt: skip
     parser.add_argument("--sps-variants", nargs="*", default=["eager"], choices=list(VARIANT_FLAGS),
                         help="variants of the SPS rows (b); the default command is eager")  # fmt: skip

@@ -238,6 +238,18 @@ def make_env(env_id: str, seed: int, idx: int, capture_video: bool, run_name: st
     return thunk
 
 
+class SyncVectorEnv(gym.vector.SyncVectorEnv):
+    """gymnasium's SyncVectorEnv with the step_async / step_wait pair of the pool and AsyncVectorEnv, so one training
+    loop serves all three; in this process the envs step inside step_wait (after an overlapped update)."""
+
+    def step_async(self, actions) -> None:
+        self._pending_actions = actions
+
+    def step_wait(self):
+        actions, self._pending_actions = self._pending_actions, None
+        return self.step(actions)
+
+
 def make_vector_env(env_id: str, num_envs: int, seed: int, async_envs: bool = False, run_name: str = ""):
     """`num_envs` copies of `env_id` (env i seeded seed + i), same-step autoreset: one real transition per env per step."""
     thunks = [make_env(env_id, seed + i, i, False, run_name) for i in range(num_envs)]
@@ -245,7 +257,7 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, async_envs: bool = Fa
     if async_envs:
         vector_env = gym.vector.AsyncVectorEnv(thunks, autoreset_mode=mode, shared_memory=True)
     else:
-        vector_env = gym.vector.SyncVectorEnv(thunks, autoreset_mode=mode)
+        vector_env = SyncVectorEnv(thunks, autoreset_mode=mode)
     assert vector_env.metadata["autoreset_mode"] == mode
     return vector_env
 

@@ -430,7 +430,7 @@ def _mode(vector_env) -> str:
 def _kind(vector_env) -> str:
     from envs.pool import EnvPool  # lazy: envs.pool imports envs
 
-    if type(vector_env) is gym.vector.SyncVectorEnv:
+    if isinstance(vector_env, gym.vector.SyncVectorEnv):  # envs.SyncVectorEnv included
         return "SyncVectorEnv"
     if type(vector_env) is gym.vector.AsyncVectorEnv:
         if _mode(vector_env) == gym.vector.AutoresetMode.NEXT_STEP.value:
