@@ -6,6 +6,8 @@
 # 20k transitions (4,750 updates of batch 128), hidden width 64, evaluations of 5 episodes every 5k transitions and a
 # final one of 10. Seeds 1-5 for qflex, sac and sac_paper, 1-3 for crossq, dacer and sdac (4 particles instead of 32,
 # as in cpu_budget.sh). Runs are ordered so that 3 seeds of everything finish first. Rerunning resumes the sweep.
+# Every run keeps its final checkpoint (no buffer), which benchmark/analysis.py reads for the exploration analysis;
+# final_eval.json carries the effort (eval/effort) of claim 4.
 #   bash benchmark/dimension_sweep.sh            # OUT=sweeps/dimension WORKERS=2
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +15,7 @@ OUT=${OUT:-sweeps/dimension}
 WORKERS=${WORKERS:-2}
 ENVS=(ChainReach4-v0 ChainReach16-v0 ChainReach64-v0 ChainReach256-v0)
 COMMON=(--num-envs 4 --learning-starts 1000 --total-timesteps 20000 --batch-size 128 --hidden-dim 64
-    --eval-freq 5000 --eval-episodes 5 --final-eval-episodes 10)
+    --eval-freq 5000 --eval-episodes 5 --final-eval-episodes 10 --save-model)
 status=0
 sweep() {  # sweep RUNS_DIR "ALGOS" "SEEDS" [extra algorithm flags]
     local dir=$1 algos=$2 seeds=$3

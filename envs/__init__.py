@@ -381,11 +381,22 @@ def split_vector_step(next_obs: np.ndarray, terminations: np.ndarray, truncation
     return VectorStep(real_next_obs, np.asarray(terminations, dtype=bool), np.asarray(truncations, dtype=bool), finished)
 
 
+def muscle_activations(env: gym.Env) -> np.ndarray | None:
+    """The actuators' activation states now: ChainReach's own, MuJoCo's `data.act` for MyoSuite (muscle activations in
+    [0, 1], one per muscle); None for envs without activation dynamics (e.g. dm_control torques)."""
+    base = env.unwrapped
+    if hasattr(base, "muscle_activations"):
+        return base.muscle_activations()
+    act = getattr(getattr(base, "data", None), "act", None)
+    return np.array(act) if act is not None and np.size(act) else None
+
+
 @dataclass
 class EvalResult:
     returns: np.ndarray
     lengths: np.ndarray
     successes: np.ndarray  # empty when the env reports no `solved`
+    efforts: np.ndarray  # per episode, the mean over its steps of the summed activations; empty without activations
 
     def scalars(self) -> dict[str, float]:
         """The `eval/` TensorBoard keys (README, "What a run writes")."""
@@ -396,6 +407,8 @@ class EvalResult:
         }
         if self.successes.size:
             out["eval/success_rate"] = float(self.successes.mean())
+        if self.efforts.size:
+            out["eval/effort"] = float(self.efforts.mean())
         return out
 
 
@@ -405,18 +418,22 @@ def evaluate(eval_env: gym.Env, act, num_episodes: int, seed: int) -> EvalResult
     Episode k resets with ``seed + k``, so every round and every algorithm starts from the same states.
     `act` receives a [1, obs_dim] float32 array and returns a [1, d] array in policy space.
     """
-    returns, lengths, successes = [], [], []
+    returns, lengths, successes, efforts = [], [], [], []
     for episode in range(num_episodes):
         obs, _ = eval_env.reset(seed=seed + episode)
-        episodic_return, length, done, info = 0.0, 0, False, {}
+        episodic_return, length, done, info, effort = 0.0, 0, False, {}, 0.0
         while not done:
             action = np.asarray(act(obs[None]))[0]
             obs, reward, terminated, truncated, info = eval_env.step(action)
             episodic_return += float(reward)
             length += 1
             done = terminated or truncated
+            activations = muscle_activations(eval_env)
+            effort = None if activations is None or effort is None else effort + float(activations.sum())
         returns.append(episodic_return)
         lengths.append(length)
         if "solved" in info:
             successes.append(float(info["solved"]))
-    return EvalResult(np.array(returns), np.array(lengths), np.array(successes))
+        if effort is not None:
+            efforts.append(effort / length)
+    return EvalResult(np.array(returns), np.array(lengths), np.array(successes), np.array(efforts))

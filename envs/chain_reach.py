@@ -205,6 +205,10 @@ class ChainReachEnv(gym.Env):
         reward = -dist - self._c_effort * float(np.dot(act, act))
         return self._buf.astype(np.float32), reward, False, False, {}
 
+    def muscle_activations(self) -> np.ndarray:
+        """The 2J actuator activations in [0, 1] (flexors of joints 0..J-1, then their extensors); a copy."""
+        return self._act.copy()
+
     def render(self):
         if self.render_mode != "rgb_array":
             return None

@@ -165,8 +165,26 @@ def test_evaluate_is_seeded_and_reports_success():
     np.testing.assert_array_equal(first.returns, second.returns)
     assert first.lengths.tolist() == [100, 100]
     scalars = first.scalars()
-    assert set(scalars) == {"eval/episodic_return", "eval/episodic_return_std", "eval/episodic_length", "eval/success_rate"}
+    assert set(scalars) == {"eval/episodic_return", "eval/episodic_return_std", "eval/episodic_length", "eval/success_rate",
+                            "eval/effort"}  # fmt: skip
+    assert 0.0 < scalars["eval/effort"] < env.unwrapped.model.na  # summed muscle activations, each in [0, 1]
     env.close()
+
+
+@pytest.mark.parametrize("command, expected", [(-1.0, 0.0), (1.0, 8 * (1 - (1 - 0.5**100) / 100))])
+def test_effort_is_the_mean_summed_activation_per_step(command, expected):
+    """ChainReach4 (8 actuators), activation a_k = a_(k-1) + 0.5 (u - a_(k-1)) from 0: a constant command u = 0
+    (action -1) costs nothing; u = 1 gives a_k = 1 - 0.5^k, so the 100-step mean of the sum is 8 (1 - sum_k 0.5^k / 100)."""
+    env = make_env("ChainReach4-v0", seed=0, idx=0, capture_video=False, run_name="test")()
+    result = evaluate(env, lambda obs: np.full((1, 8), command, np.float32), 2, seed=0)
+    np.testing.assert_allclose(result.efforts, [expected, expected], rtol=1e-6)
+    assert result.scalars()["eval/effort"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_no_effort_without_activation_dynamics():
+    env = make_env("Humanoid-v5", seed=0, idx=0, capture_video=False, run_name="test")()
+    result = evaluate(gym.wrappers.TimeLimit(env, 5), lambda obs: np.zeros((1, 17), np.float32), 1, seed=0)
+    assert result.efforts.size == 0 and "eval/effort" not in result.scalars()
 
 
 @pytest.mark.parametrize("env_id", ["ChainReach4-v0", "Humanoid-v5", "myoLegWalk-v0"])
