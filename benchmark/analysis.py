@@ -326,7 +326,7 @@ def correlation(args) -> int:
                 print(f"skipping {run.path.name}: no checkpoint at {path}")
                 continue
             checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-            sample = exploration_sampler(algo, checkpoint, obs_dim, act_dim, half_width)
+            sample = exploration_sampler(checkpoint["algo"], checkpoint, obs_dim, act_dim, half_width)  # the script
             generator = torch.Generator().manual_seed(args.seed)
             for obs in states:
                 batch = torch.as_tensor(np.repeat(obs[None], args.samples, 0))
@@ -399,7 +399,7 @@ def parse_args(argv):
             sub.add_argument("--reps", type=int, default=10_000, help="bootstrap reps")
         if name == "correlation":
             sub.add_argument("--env-id", required=True)
-            sub.add_argument("--algos", nargs="+", default=["qflex", "sac"])
+            sub.add_argument("--algos", nargs="+", default=["qflex", "sac"], help="exp names of qflex or sac runs")
             sub.add_argument("--states", type=int, default=8, help="fixed states (evaluation resets)")
             sub.add_argument("--samples", type=int, default=1000, help="exploratory actions per state")
     args = parser.parse_args(argv)

@@ -8,10 +8,13 @@
 # as in cpu_budget.sh). Runs are ordered so that 3 seeds of everything finish first. Rerunning resumes the sweep.
 # Every run keeps its final checkpoint (no buffer), which benchmark/analysis.py reads for the exploration analysis;
 # final_eval.json carries the effort (eval/effort) of claim 4.
-#   bash benchmark/dimension_sweep.sh            # OUT=sweeps/dimension WORKERS=2
+# Then the analyses (benchmark/analysis.py) write docs/results/dimension*, dimension_effort*, dimension_flow* and
+# dimension_correlation_ChainReach{16,64}* (docs/analysis.md).
+#   bash benchmark/dimension_sweep.sh            # OUT=sweeps/dimension RESULTS=docs/results WORKERS=2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-sweeps/dimension}
+RESULTS=${RESULTS:-docs/results}
 WORKERS=${WORKERS:-2}
 ENVS=(ChainReach4-v0 ChainReach16-v0 ChainReach64-v0 ChainReach256-v0)
 COMMON=(--num-envs 4 --learning-starts 1000 --total-timesteps 20000 --batch-size 128 --hidden-dim 64
@@ -30,4 +33,12 @@ sweep "$OUT/main" "crossq dacer" "1 2 3"
 sweep "$OUT/main" "sdac" "1 2 3" --num-particles 4
 sweep "$OUT/main" "qflex sac" "4 5"
 sweep "$OUT/sac_paper" "sac" "4 5" --preset paper --exp-name sac_paper
+DIRS=("$OUT/main" "$OUT/sac_paper")
+python benchmark/analysis.py dimension --runs-dir "${DIRS[@]}" --out "$RESULTS" --name dimension || status=$?
+python benchmark/analysis.py effort --runs-dir "${DIRS[@]}" --out "$RESULTS" --name dimension_effort || status=$?
+python benchmark/analysis.py flow --runs-dir "$OUT/main" --out "$RESULTS" --name dimension_flow || status=$?
+for env_id in ChainReach16-v0 ChainReach64-v0; do
+    python benchmark/analysis.py correlation --runs-dir "$OUT/main" --env-id "$env_id" --out "$RESULTS" \
+        --name "dimension_correlation_${env_id%-v0}" || status=$?
+done
 exit $status
