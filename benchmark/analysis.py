@@ -81,8 +81,13 @@ def dimension_rows(runs: list[plot.Run], reps: int, seed: int) -> list[dict]:
     return rows
 
 
+def finished_runs(roots: list[str]) -> list[plot.Run]:
+    """The runs that wrote their final_eval.json (a sweep in progress also has runs that have not)."""
+    return [r for r in plot.load_runs(roots) if (r.path / "final_eval.json").is_file()]
+
+
 def dimension(args) -> int:
-    runs = plot.load_runs(args.runs_dir)
+    runs = finished_runs(args.runs_dir)
     rows = dimension_rows(runs, args.reps, args.seed)
     if not rows:
         sys.exit("analysis.py: error: no ChainReach runs under " + " ".join(args.runs_dir))
@@ -148,7 +153,7 @@ def effort_rows(runs: list[plot.Run]) -> list[dict]:
 
 
 def effort(args) -> int:
-    rows = effort_rows(plot.load_runs(args.runs_dir))
+    rows = effort_rows(finished_runs(args.runs_dir))
     if not rows:
         sys.exit("analysis.py: error: no run with eval/effort in its final_eval.json under " + " ".join(args.runs_dir))
     lines = ["| env | algo | seeds | effort (mean summed activation per step) | final return |", "|---|---|---|---|---|"]
@@ -166,7 +171,7 @@ FLOW_TAGS = ("flow/q_gain", "flow/superiority_ratio")
 
 
 def flow(args) -> int:
-    runs = [r for r in plot.load_runs(args.runs_dir) if r.algo == "qflex"]
+    runs = [r for r in finished_runs(args.runs_dir) if r.algo == "qflex"]
     series: dict[str, dict[str, list]] = {}
     for run in runs:
         scalars, _ = plot.load_scalars(run.path)
@@ -305,7 +310,7 @@ def correlation(args) -> int:
 
     import envs as env_layer
 
-    runs = [r for r in plot.load_runs(args.runs_dir) if r.env_id == args.env_id and r.algo in args.algos]
+    runs = [r for r in finished_runs(args.runs_dir) if r.env_id == args.env_id and r.algo in args.algos]
     if not runs:
         sys.exit(f"analysis.py: error: no {'/'.join(args.algos)} runs on {args.env_id} under " + " ".join(args.runs_dir))
     env = env_layer.make_env(args.env_id, 0, 0, False, "analysis")()
