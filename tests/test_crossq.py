@@ -1,6 +1,7 @@
 """Tests of algos/crossq.py: BatchRenorm against its formulas, the pure maths, each update step on a tiny problem,
 script smoke/resume/error runs, learning."""
 
+import copy
 import json
 import math
 
@@ -9,6 +10,100 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import assert_one_line_error, load_script, read_scalars, run_algo, run_dirs
+
+# tests/mutate.py ids of mutants that cannot change what the program computes (reason with each).
+EQUIVALENT_MUTANTS = {
+    "safe_sqrt: 1.0 -> 2.0": (
+        "the placeholder only fills x <= 0, whose value the outer where replaces and whose gradient is masked; "
+        "sqrt(2) is finite like sqrt(1)"
+    ),
+    "batch_renorm_statistics: batch_mean.detach() -> batch_mean": (
+        "the only caller (BatchRenorm.forward) uses the EMA statistics inside torch.no_grad, so no graph is kept either way"
+    ),
+    "batch_renorm_statistics: batch_var.detach() -> batch_var": (
+        "the only caller (BatchRenorm.forward) uses the EMA statistics inside torch.no_grad, so no graph is kept either way"
+    ),
+    "BatchRenorm.__init__: super().__init__() self.num_features, self.momentum, self.eps = num_features, momentum,... "
+    "-> self.num_features, self.momentum, self.eps = (num_features, momentum, eps) super().__in...": (
+        "plain (non-tensor, non-module) attributes may be set before Module.__init__, which keeps them"
+    ),
+    'BatchRenorm.__init__: self.bias = nn.Parameter(torch.zeros(num_features)) self.register_buffer("running_mean"... '
+    "-> self.register_buffer('running_mean', torch.zeros(num_features)) self.bias = nn.Paramete...": (
+        "registration order only: parameters and buffers live in separate registries and state_dict is read by name"
+    ),
+    'BatchRenorm.__init__: self.register_buffer("running_mean", torch.zeros(num_features)) self.register_buffer("r... '
+    "-> self.register_buffer('running_var', torch.ones(num_features)) self.register_buffer('run...": (
+        "registration order only: parameters and buffers live in separate registries and state_dict is read by name"
+    ),
+    'BatchRenorm.__init__: self.register_buffer("running_var", torch.ones(num_features)) self.register_buffer("num... '
+    "-> self.register_buffer('num_batches_tracked', torch.zeros((), dtype=torch.long)) self.reg...": (
+        "registration order only: parameters and buffers live in separate registries and state_dict is read by name"
+    ),
+    "BatchRenorm.forward: self.running_mean.lerp_(batch_mean, weight) self.running_var.lerp_(batch_var, weight) -> "
+    "self.running_var.lerp_(batch_var, weight) self.running_mean.lerp_(batch_mean, weight)": (
+        "the two EMA updates touch different buffers and read only their own inputs"
+    ),
+    "BatchRenorm.forward: with torch.no_grad(): self.num_batches_tracked += 1 weight = ema_weight(self.momentum, ... "
+    "-> self.num_batches_tracked += 1 weight = ema_weight(self.momentum, self.num_batches_track...": (
+        "the block only updates buffers that need no gradient, from detached batch statistics and a float or a "
+        "count: no graph is recorded either way"
+    ),
+    "trunc_normal_init_: nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std) nn.init.zeros_(laye... -> "
+    "nn.init.zeros_(layer.bias) nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2...": (
+        "zeros_ uses no random numbers and touches only the bias: the two init calls commute"
+    ),
+    "SoftQNetwork.forward: -1 -> 1": "squeeze(1) and squeeze(-1) are the same dim of the [B, 1] head output",
+    "Actor.__init__: super().__init__() self.separate_heads = separate_heads -> self.separate_heads = separate_heads "
+    "super().__init__()": "a plain bool may be set before Module.__init__, which keeps it",
+    "Actor.forward: -1 -> 1": (
+        "chunk over dim 1 and dim -1 are the same for the 2-D [B, 2|A|] head output (obs is always [N, obs_dim])"
+    ),
+    "tanh_gaussian_log_prob: -1 -> 1": (
+        "sum over dim 1 and dim -1 are the same for the 2-D [B, |A|] inputs every caller passes"
+    ),
+    "critic_step: alpha = log_alpha.detach().exp() actor.eval() -> actor.eval() alpha = log_alpha.detach().exp()": (
+        "reading log alpha and setting the actor's mode flag commute"
+    ),
+    "critic_step: qf1.train() qf2.train() -> qf2.train() qf1.train()": (
+        "train()/eval() only set a flag read by the next forward pass; two such calls commute"
+    ),
+    "critic_step: qf2.train() joint_obs, joint_actions = torch.cat([batch.obs, batch.next_obs]), torch.ca... -> "
+    "joint_obs, joint_actions = (torch.cat([batch.obs, batch.next_obs]), torch.cat([batch.ac...": (
+        "concatenating the batch does not depend on a critic's mode flag"
+    ),
+    'critic_step: loss_scale = 0.5 if args.preset == "paper" else 1.0 # only rescales Adam\'s epsilon q_op... -> '
+    "q_optimizer.zero_grad() loss_scale = 0.5 if args.preset == 'paper' else 1.0": (
+        "choosing a float does not touch .grad, so zero_grad before or after it is the same"
+    ),
+    "actor_step: log_alpha.detach() -> log_alpha": (
+        "backward(inputs=actor.parameters()) accumulates nothing into log_alpha and the loss value is the same"
+    ),
+    'actor_step: """One step on mean(alpha log pi(a~|s) - min_i Q_i(s, a~)), a~ reparameterised; returns... -> '
+    'actor.train() "One step on mean(alpha log pi(a~|s) - min_i Q_i(s, a~)), a~ reparameteri...': (
+        "the docstring becomes a no-op expression after actor.train(): only actor_step.__doc__ changes"
+    ),
+    "actor_step: actor.train() qf1.eval() -> qf1.eval() actor.train()": (
+        "train()/eval() only set a flag read by the next forward pass; two such calls commute"
+    ),
+    "actor_step: qf1.eval() qf2.eval() -> qf2.eval() qf1.eval()": (
+        "train()/eval() only set a flag read by the next forward pass; two such calls commute"
+    ),
+    "actor_step: qf2.eval() pi, log_pi = actor.sample(batch.obs, noise, args.tanh_correction) -> pi, log_pi = "
+    "actor.sample(batch.obs, noise, args.tanh_correction) qf2.eval()": (
+        "sampling from the actor does not call qf2, so its mode flag may be set after"
+    ),
+    "actor_step: actor_loss = (log_alpha.detach().exp() * log_pi - min_qf_pi).mean() actor_optimizer.zer... -> "
+    "actor_optimizer.zero_grad() actor_loss = (log_alpha.detach().exp() * log_pi - min_qf_pi...": (
+        "computing the loss does not touch .grad, so zero_grad before or after it is the same"
+    ),
+    "actor_step: actor_optimizer.step() actor.eval() -> actor.eval() actor_optimizer.step()": (
+        "the optimiser step does not read the mode flag"
+    ),
+    "alpha_step: alpha_loss = temperature_loss(log_alpha, log_pi, target_entropy, form) a_optimizer.zero... -> "
+    "a_optimizer.zero_grad() alpha_loss = temperature_loss(log_alpha, log_pi, target_entropy...": (
+        "computing the loss does not touch .grad, so zero_grad before or after it is the same"
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -352,6 +447,250 @@ def test_alpha_step_moves_alpha_towards_the_target_entropy(cq, form):
         assert math.copysign(1, -float(log_alpha.detach())) == direction
         assert float(logs["losses/alpha"]) == pytest.approx(math.exp(float(log_alpha.detach())))
     assert all(same(a, b) for a, b in zip(snapshot(actor), actor_before, strict=True))
+
+
+# ---------------------------------------------------------------- definitions, exact steps (float64, SGD)
+
+LOG_ALPHA, LR = 0.3, 0.1  # alpha = e^0.3, away from 1 so alpha and log alpha differ; the SGD learning rate
+
+
+def test_safe_sqrt_values_and_gradient(cq):
+    """sqrt where x > 0, 0 at 0; the gradient 1 / (2 sqrt x) where x > 0 and 0 (not NaN) at 0."""
+    x = torch.tensor([0.0, 0.25, 4.0], dtype=torch.float64, requires_grad=True)
+    y = cq.safe_sqrt(x)
+    torch.testing.assert_close(y, torch.tensor([0.0, 0.5, 2.0], dtype=torch.float64))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([0.0, 1.0, 0.25], dtype=torch.float64))
+
+
+def test_renorm_of_a_constant_feature_gives_beta(cq):
+    """var_B = 0 (Flax flavour, no floor) and d != 0: the corrected mean mu_B - d sqrt(var_B) / r is mu_B itself, so
+    gamma (x - mean) / sqrt(var + eps) + beta is beta exactly, whatever the running statistics."""
+    x = batch()
+    x[:, 2] = 1.5
+    layer = make_brn(cq, eps=1e-3, warmup=0, debias=False).train()  # running mean 0: d = 1.5 / sqrt(1 + eps) != 0
+    y = layer(x)
+    torch.testing.assert_close(y[:, 2], torch.full((64,), float(layer.bias[2].detach()), dtype=torch.float64))
+
+
+def test_trunc_normal_init_is_haikus_default(cq):
+    """N(0, 1/fan_in) truncated at +-2 std (its std is 0.8796 of the untruncated one), bias exactly 0."""
+    torch.manual_seed(0)
+    layer = cq.trunc_normal_init_(torch.nn.Linear(400, 300))
+    std, w = 1 / 20, layer.weight.detach()
+    assert torch.equal(layer.bias.detach(), torch.zeros(300))
+    assert w.min() >= -2 * std and w.max() <= 2 * std and w.min() < -1.95 * std and w.max() > 1.95 * std
+    assert w.std().item() == pytest.approx(0.8796 * std, rel=0.02) and abs(w.mean().item()) < 0.01 * std
+
+
+@pytest.mark.parametrize("preset", ["paper", "qflex-protocol"])
+def test_networks_are_brn_linear_relu_stacks_with_the_haiku_init(cq, preset):
+    """BRN(input) -> [Linear -> ReLU -> BRN] x L -> head, every Linear (heads included) zero-bias and within 2/sqrt(fan_in);
+    a critic gives one value per row."""
+    args, actor, qf1, *_ = tiny_agent(cq, preset)
+    kinds = [type(m).__name__ for m in qf1.trunk]
+    assert kinds == ["BatchRenorm"] + ["Linear", "ReLU", "BatchRenorm"] * args.num_layers
+    assert [m.num_features for m in qf1.trunk if isinstance(m, cq.BatchRenorm)] == [OBS_DIM + ACT_DIM, 8, 8]
+    layers = [m for net in (actor, qf1) for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 2 * (args.num_layers + 1) + args.separate_heads
+    for layer in layers:
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+        assert layer.weight.abs().max() <= 2 / math.sqrt(layer.in_features)
+    qf1.eval()
+    obs, actions = torch.randn(3, OBS_DIM), torch.randn(3, ACT_DIM)
+    q = qf1(obs, actions)
+    assert q.shape == (3,)
+    torch.testing.assert_close(q, qf1.head(qf1.trunk(torch.cat([obs, actions], 1)))[:, 0])
+
+
+@pytest.mark.parametrize("preset", ["paper", "qflex-protocol"])
+def test_actor_heads_and_log_std_clip(cq, preset):
+    """Separate heads (paper) or one 2d head, first half mu (qflex-protocol); log sigma clipped to [-20, 2] in both."""
+    torch.manual_seed(0)  # three action dimensions: a 6-wide shared head, which chunk(3) would split into three
+    actor = cq.Actor(OBS_DIM, 3, 8, 2, cq.BRN_HAIKU, cq.resolve_preset(cq.Args(preset=preset)).separate_heads).eval()
+    head = actor.fc_logstd if actor.separate_heads else actor.fc_head
+    with torch.no_grad():
+        head.weight.mul_(300.0)  # raw log sigma past both ends
+    obs = torch.randn(64, OBS_DIM)
+    mean, log_std = actor(obs)
+    h = actor.trunk(obs)
+    if actor.separate_heads:
+        raw_mean, raw_log_std = actor.fc_mean(h), actor.fc_logstd(h)
+    else:
+        raw_mean, raw_log_std = actor.fc_head(h)[:, :3], actor.fc_head(h)[:, 3:]
+    torch.testing.assert_close(mean, raw_mean)
+    torch.testing.assert_close(log_std, raw_log_std.clamp(-20.0, 2.0))
+    assert (raw_log_std < -20).any() and (raw_log_std > 2).any() and ((raw_log_std > -20) & (raw_log_std < 2)).any()
+
+
+def reference_sample(actor, obs, noise, tanh_correction):
+    """a = tanh(x), x = mu + sigma * noise, and log pi from torch.distributions (the tanh log-Jacobian if asked)."""
+    mean, log_std = actor(obs)
+    x = mean + log_std.exp() * noise
+    log_prob = torch.distributions.Normal(mean, log_std.exp()).log_prob(x)
+    if tanh_correction:
+        log_prob = log_prob - torch.log(1 - torch.tanh(x) ** 2)
+    return torch.tanh(x), log_prob.sum(-1)
+
+
+@pytest.mark.parametrize("preset", ["paper", "qflex-protocol"])
+def test_actor_sample_is_the_reparameterised_tanh_gaussian(cq, preset):
+    args, actor, *_ = tiny_agent(cq, preset)
+    actor.double().eval()
+    obs, noise = torch.randn(8, OBS_DIM, dtype=torch.float64), torch.randn(8, ACT_DIM, dtype=torch.float64)
+    actions, log_prob = actor.sample(obs, noise, args.tanh_correction)
+    expected_actions, expected_log_prob = reference_sample(actor, obs, noise, args.tanh_correction)
+    torch.testing.assert_close(actions, expected_actions)
+    torch.testing.assert_close(log_prob, expected_log_prob)
+    assert not torch.allclose(actions, torch.tanh(actor(obs)[0]))  # the noise enters
+
+
+def test_soft_q_target_against_its_definition(cq):
+    """y = r + gamma (sg(min(Q1', Q2')) - alpha log pi') where not terminated, y = r where terminated; the gradient
+    reaches log pi' (it carries none in critic_step) but never the joint pass's bootstrap half."""
+    g = torch.Generator().manual_seed(3)
+    rewards, q1, q2, log_prob = (torch.randn(8, generator=g, dtype=torch.float64) for _ in range(4))
+    terminations = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    assert (q1 < q2).any() and (q1 > q2).any()
+    q1.requires_grad_(True)
+    y = cq.soft_q_target(rewards, terminations, q1, q2, log_prob, 0.7, 0.9)
+    bootstrap = rewards + 0.9 * (torch.where(q1 < q2, q1, q2) - 0.7 * log_prob)
+    torch.testing.assert_close(y, torch.where(terminations.bool(), rewards, bootstrap).detach())
+    assert not y.requires_grad
+
+
+@pytest.mark.parametrize("form", ["alpha", "log-alpha"])
+def test_temperature_loss_value_and_no_gradient_to_log_pi(cq, form):
+    """alpha form: alpha (H - H_target) with H = -mean log pi; log-alpha form: -mean(log alpha (log pi + H_target))."""
+    log_alpha = torch.tensor(LOG_ALPHA, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    log_pi = scale * torch.tensor([0.5, -1.0, 2.0, -3.5], dtype=torch.float64)
+    loss = cq.temperature_loss(log_alpha, log_pi, -2.0, form)
+    entropy_gap = (-log_pi.detach().mean() + 2.0).item()  # H - H_target
+    expected = math.exp(LOG_ALPHA) * entropy_gap if form == "alpha" else LOG_ALPHA * entropy_gap
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    loss.backward()
+    assert scale.grad is None
+
+
+@pytest.mark.parametrize("form", ["alpha", "log-alpha"])
+def test_alpha_step_is_one_sgd_step_of_the_temperature_loss(cq, form):
+    """Stale gradients are cleared; log alpha <- log alpha - lr * dL/dlog alpha; logs the loss and the new alpha."""
+    log_alpha = torch.tensor(LOG_ALPHA, dtype=torch.float64, requires_grad=True)
+    log_alpha.grad = torch.tensor(5.0, dtype=torch.float64)
+    log_pi = torch.tensor([0.5, -1.0, 2.0, -3.5], dtype=torch.float64)
+    entropy_gap = (-log_pi.mean() + 2.0).item()
+    slope = math.exp(LOG_ALPHA) if form == "alpha" else 1.0
+    logs = cq.alpha_step(log_pi, log_alpha, torch.optim.SGD([log_alpha], lr=LR), -2.0, form)
+    assert log_alpha.item() == pytest.approx(LOG_ALPHA - LR * slope * entropy_gap, rel=1e-12)
+    expected_loss = math.exp(LOG_ALPHA) * entropy_gap if form == "alpha" else LOG_ALPHA * entropy_gap
+    assert logs["losses/alpha_loss"].item() == pytest.approx(expected_loss, rel=1e-12)
+    assert logs["losses/alpha"].item() == pytest.approx(math.exp(log_alpha.item()), rel=1e-12)
+
+
+def tiny_agent64(cq, preset):
+    """tiny_agent in float64: terminations a mix of 0 and 1, s' well apart from s, reward scale 0.5, log alpha 0.3."""
+    args, actor, qf1, qf2, *_, batch, noise = tiny_agent(cq, preset)
+    for module in (actor, qf1, qf2):
+        module.double()
+    batch = cq.Batch(*(x.double() for x in batch))
+    terminations = (torch.arange(B) % 3 == 1).double()
+    batch = batch._replace(next_obs=batch.next_obs + 2.0, terminations=terminations)
+    args.reward_scale = 0.5
+    return args, actor, qf1, qf2, batch, noise.double(), torch.tensor(LOG_ALPHA, dtype=torch.float64, requires_grad=True)
+
+
+def stale_grads(*modules, value=7.0):
+    """Fill every gradient with a constant, as a step that forgot zero_grad would leave it."""
+    for module in modules:
+        for p in module.parameters():
+            p.grad = torch.full_like(p, value)
+
+
+def sgd_reference(modules, loss_fn):
+    """On deep copies of `modules`: the loss, its gradients and the parameters after one SGD(LR) step, and the copies
+    (their BatchRenorm statistics as the reference forward pass left them)."""
+    copies = [copy.deepcopy(m) for m in modules]
+    loss = loss_fn(*copies)
+    leaves = [p for m in copies for p in m.parameters()]
+    grads = torch.autograd.grad(loss, leaves)
+    return loss.detach(), grads, [(p - LR * g).detach() for p, g in zip(leaves, grads, strict=True)], copies
+
+
+@pytest.mark.parametrize("preset, step_optimizer", [("paper", True), ("qflex-protocol", True), ("qflex-protocol", False)])
+def test_critic_step_is_the_joint_pass_soft_bellman_step(cq, preset, step_optimizer):
+    """a' and log pi' from the actor in eval mode at s'; each critic in train mode over [s; s'], [a; a'] once, no
+    target network; y = 0.5 r + gamma (1 - d)(sg(min_i Q_i(s', a')) - alpha log pi'); the loss 1/2 sum_i mean (y - Q_i)^2
+    (paper) or sum_i mean (Q_i - y)^2 (qflex-protocol). The critics' gradients (stale ones cleared) and SGD step, their
+    BatchRenorm statistics, and the logged losses all match that definition; the actor is untouched."""
+    args, actor, qf1, qf2, batch, noise, log_alpha = tiny_agent64(cq, preset)
+    alpha, scale = math.exp(LOG_ALPHA), 0.5 if preset == "paper" else 1.0
+    actor.train()  # as left by nothing in particular: critic_step must switch it to eval itself
+    qf1.eval(), qf2.eval()  # as an actor step leaves them: critic_step must switch them to train
+    errors = []
+
+    def loss_fn(q1, q2):
+        reference_actor = copy.deepcopy(actor).eval()
+        with torch.no_grad():
+            next_actions, next_log_prob = reference_sample(reference_actor, batch.next_obs, noise, args.tanh_correction)
+        q1.train(), q2.train()
+        rows = torch.cat([batch.obs, batch.next_obs]), torch.cat([batch.actions, next_actions])
+        (q1_now, q1_next), (q2_now, q2_next) = (q(*rows).split(B) for q in (q1, q2))
+        next_v = torch.minimum(q1_next, q2_next).detach() - alpha * next_log_prob
+        y = torch.where(batch.terminations.bool(), 0.5 * batch.rewards, 0.5 * batch.rewards + args.gamma * next_v)
+        errors.extend([((q1_now - y) ** 2).mean().detach(), ((q2_now - y) ** 2).mean().detach()])
+        return scale * (((q1_now - y) ** 2).mean() + ((q2_now - y) ** 2).mean())
+
+    _, grads, stepped, copies = sgd_reference([qf1, qf2], loss_fn)
+    actor_before, weights_before = snapshot(actor), [p.detach().clone() for q in (qf1, qf2) for p in q.parameters()]
+    stale_grads(qf1, qf2)
+    optimizer = torch.optim.SGD(list(qf1.parameters()) + list(qf2.parameters()), lr=LR)
+    logs = cq.critic_step(batch, noise, actor, qf1, qf2, optimizer, log_alpha, args, step_optimizer=step_optimizer)
+    critic_params = [p for q in (qf1, qf2) for p in q.parameters()]
+    for p, g, new, old in zip(critic_params, grads, stepped, weights_before, strict=True):
+        torch.testing.assert_close(p.grad, g)
+        torch.testing.assert_close(p.detach(), new if step_optimizer else old)
+    for q, reference in zip((qf1, qf2), copies, strict=True):
+        assert q.training
+        for (name, value), expected in zip(q.named_buffers(), reference.buffers(), strict=True):
+            torch.testing.assert_close(value, expected, msg=name)
+    assert all(same(a, b) for a, b in zip(snapshot(actor), actor_before, strict=True)) and not actor.training
+    torch.testing.assert_close(logs["losses/qf1_loss"], errors[0])
+    torch.testing.assert_close(logs["losses/qf2_loss"], errors[1])
+    assert logs["losses/alpha"].item() == pytest.approx(alpha) and log_alpha.grad is None
+
+
+@pytest.mark.parametrize("preset", ["paper", "qflex-protocol"])
+def test_actor_step_is_one_sgd_step_with_the_critics_in_eval_mode(cq, preset):
+    """mean(alpha log pi(a~|s) - min_i Q_i(s, a~)) at s, the actor's BatchRenorm in train mode and the critics' in eval
+    mode: the actor takes exactly that SGD step from stale gradients and its statistics move as that pass's; the critics
+    keep weights, waiting gradients and statistics; log alpha gets no gradient."""
+    args, actor, qf1, qf2, batch, noise, log_alpha = tiny_agent64(cq, preset)
+    alpha = math.exp(LOG_ALPHA)
+    actor.eval(), qf1.train(), qf2.train()  # as critic_step leaves them: actor_step must switch both
+    log_probs = []
+
+    def loss_fn(pi_net):
+        pi_net.train()
+        critics = [copy.deepcopy(q).eval() for q in (qf1, qf2)]
+        actions, log_prob = reference_sample(pi_net, batch.obs, noise, args.tanh_correction)
+        log_probs.append(log_prob.detach())
+        return (alpha * log_prob - torch.minimum(critics[0](batch.obs, actions), critics[1](batch.obs, actions))).mean()
+
+    loss, _, stepped, (reference_actor,) = sgd_reference([actor], loss_fn)
+    stale_grads(actor)
+    stale_grads(qf1, qf2, value=3.0)
+    critics_before = (snapshot(qf1), snapshot(qf2))
+    logs, log_pi = cq.actor_step(batch, noise, actor, qf1, qf2, torch.optim.SGD(actor.parameters(), lr=LR), log_alpha, args)
+    for p, new in zip(actor.parameters(), stepped, strict=True):
+        torch.testing.assert_close(p.detach(), new)
+    for (name, value), expected in zip(actor.named_buffers(), reference_actor.buffers(), strict=True):
+        torch.testing.assert_close(value, expected, msg=name)
+    for q, before in zip((qf1, qf2), critics_before, strict=True):
+        assert all(same(a, b) for a, b in zip(snapshot(q), before, strict=True))
+    torch.testing.assert_close(logs["losses/actor_loss"], loss)
+    torch.testing.assert_close(log_pi, log_probs[0])
+    assert log_alpha.grad is None
 
 
 # ---------------------------------------------------------------- script runs

@@ -17,6 +17,108 @@ from tests.conftest import assert_one_line_error, load_script, read_scalars, run
 
 qflex = load_script("algos/qflex.py")
 
+# Mutants of tests/mutate.py that cannot change behaviour, keyed by the id it prints, with the reason (long ids are
+# split into adjacent string literals, which ast.literal_eval joins).
+EQUIVALENT_MUTANTS = {
+    "safe_sqrt: 1.0 -> 2.0": "the placeholder only feeds entries the outer where sets to 0",
+    "batch_renorm_statistics: batch_mean.detach() -> batch_mean": "only read by forward's EMA update, inside no_grad",
+    "batch_renorm_statistics: batch_var.detach() -> batch_var": "only read by forward's EMA update, inside no_grad",
+    (
+        "BatchRenorm.__init__: super().__init__() self.num_features, self.momentum, "
+        "self.eps = num_features, momentum,... -> self.num_features, self.momentum, "
+        "self.eps = (num_features, momentum, eps) super().__in..."
+    ): "Module.__init__ keeps plain attributes set before it",
+    (
+        "BatchRenorm.__init__: self.bias = nn.Parameter(torch.zeros(num_features)) "
+        "self.register_buffer(\"running_mean\"... -> self.register_buffer('running_mean', "
+        "torch.zeros(num_features)) self.bias = nn.Paramete..."
+    ): "parameters and buffers are kept apart: order is moot",
+    (
+        'BatchRenorm.__init__: self.register_buffer("running_mean", torch.zeros(num_features)) '
+        "self.register_buffer(\"r... -> self.register_buffer('running_var', torch.ones(num_features)) "
+        "self.register_buffer('run..."
+    ): "buffer order only; state dicts are read by key",
+    (
+        'BatchRenorm.__init__: self.register_buffer("running_var", torch.ones(num_features)) '
+        "self.register_buffer(\"num... -> self.register_buffer('num_batches_tracked', "
+        "torch.zeros((), dtype=torch.long)) self.reg..."
+    ): "buffer order only; state dicts are read by key",
+    (
+        "BatchRenorm.forward: self.running_mean.lerp_(batch_mean, weight) self.running_var.lerp_(batch_var, "
+        "weight) -> self.running_var.lerp_(batch_var, weight) self.running_mean.lerp_(batch_mean, "
+        "weight)"
+    ): "independent in-place updates of two buffers",
+    (
+        "BatchRenorm.forward: with torch.no_grad(): self.num_batches_tracked += "
+        "1 weight = ema_weight(self.momentum, ... -> self.num_batches_tracked += "
+        "1 weight = ema_weight(self.momentum, self.num_batches_track..."
+    ): "all grad-free: long counter, lerp_ to detached stats",
+    (
+        "trunc_normal_init_: nn.init.trunc_normal_(layer.weight, std=std, a=-2 "
+        "* std, b=2 * std) nn.init.zeros_(laye... -> nn.init.zeros_(layer.bias) "
+        "nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2..."
+    ): "zeros_ draws no random numbers",
+    "QNetwork.forward: -1 -> 1": "squeeze(1) == squeeze(-1) on the [B, 1] output",
+    (
+        'q_min_bar: """min_j Q_j(s, a; phi-bar) with BatchRenorm in eval mode, '
+        "so rows stay independent and... -> qf1_bar.eval() 'min_j Q_j(s, a; phi-bar) "
+        "with BatchRenorm in eval mode, so rows stay in..."
+    ): "docstring moved below a call: only __doc__ changes",
+    "q_min_bar: qf1_bar.eval() qf2_bar.eval() -> qf2_bar.eval() qf1_bar.eval()": "the two calls act on different networks",
+    "Actor.forward: -1 -> 1": "dim 1 == dim -1 on the [B, 2d] head output",
+    "q_guided_flow: obs.detach() -> obs": "grad is w.r.t. x only; obs never needs detaching",
+    "q_guided_flow: -1 -> 1": "shape[1] == shape[-1] on [B, d] actions",
+    "q_guided_flow: -1 -> 1 #2": "dim 1 == dim -1 on the [B, d] gradient",
+    (
+        'critic_step: """One step on sum_j mean (Q_j(s, a) - y)^2, y bootstrapped '
+        'from the same train-mode pa... -> actor.eval() "One step on sum_j mean '
+        "(Q_j(s, a) - y)^2, y bootstrapped from the same tr..."
+    ): "docstring moved below a call: only __doc__ changes",
+    "critic_step: qf1.train() qf2.train() -> qf2.train() qf1.train()": "the two calls act on different networks",
+    (
+        "critic_step: qf2.train() joint_obs, joint_actions = torch.cat([batch.obs, "
+        "batch.next_obs]), torch.ca... -> joint_obs, joint_actions = (torch.cat([batch.obs, "
+        "batch.next_obs]), torch.cat([batch.ac..."
+    ): "the cat does not depend on qf2's mode",
+    (
+        "critic_step: qf2_loss = F.mse_loss(qf2_a_values, next_q_value) q_optimizer.zero_grad() "
+        "-> q_optimizer.zero_grad() qf2_loss = F.mse_loss(qf2_a_values, next_q_value)"
+    ): "the loss neither reads nor writes .grad",
+    (
+        "critic_step: (qf1_loss + qf2_loss).backward() qf1_bar.load_state_dict(qf1.state_dict()) "
+        "-> qf1_bar.load_state_dict(qf1.state_dict()) (qf1_loss + qf2_loss).backward()"
+    ): "backward writes only .grad, which is not copied",
+    (
+        "critic_step: qf1_bar.load_state_dict(qf1.state_dict()) qf2_bar.load_state_dict(qf2.state_dict()) "
+        "-> qf2_bar.load_state_dict(qf2.state_dict()) qf1_bar.load_state_dict(qf1.state_dict())"
+    ): "the two copies act on different networks",
+    (
+        'actor_step: """One step on -mean min_j Q_j(s, a~; phi-bar), a~ reparameterised '
+        "(policy BatchRenorm ... -> actor.train() 'One step on -mean min_j Q_j(s, "
+        "a~; phi-bar), a~ reparameterised (policy ..."
+    ): "docstring moved below a call: only __doc__ changes",
+    (
+        "actor_step: actor_loss = -q_min_bar(qf1_bar, qf2_bar, batch.obs, pi).mean() "
+        "actor_optimizer.zero_gr... -> actor_optimizer.zero_grad() actor_loss = "
+        "-q_min_bar(qf1_bar, qf2_bar, batch.obs, pi).me..."
+    ): "the loss neither reads nor writes .grad",
+    (
+        'flow_step: """One flow-matching step of the velocity field towards the '
+        "flow target on s'; returns ... -> actor.eval() \"One flow-matching step "
+        "of the velocity field towards the flow target on s..."
+    ): "docstring moved below a call: only __doc__ changes",
+    (
+        "flow_step: target_actions, grad_norm = q_guided_flow( lambda obs, actions: "
+        "q_min_bar(qf1_bar, qf2_... -> velocity.train() target_actions, grad_norm "
+        "= q_guided_flow(lambda obs, actions: q_min_b..."
+    ): "the ascent target never reads the velocity field",
+    (
+        "flow_step: flow_loss = flow_matching_loss(velocity, batch.next_obs, source_actions, "
+        "target_actions... -> flow_optimizer.zero_grad() flow_loss = flow_matching_loss(velocity, "
+        "batch.next_obs, sou..."
+    ): "the loss neither reads nor writes .grad",
+}
+
 D = 6  # action dimension of the analytic tests
 ETA = 0.01
 N_STEPS = 20
@@ -145,6 +247,107 @@ def test_flow_matching_loss_is_zero_for_the_straight_line_velocity():
     qflex.flow_matching_loss(check_path, obs, a0, a1, t)
 
 
+def test_bootstrap_target_hand_computed():
+    """y = r + gamma (1 - terminated) min(q1', q2'), by hand; a terminated row is its reward; no gradient flows."""
+    rewards = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    terminations = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    next_q1 = torch.tensor([2.0, 5.0, -1.0, 4.0], dtype=torch.float64, requires_grad=True)
+    next_q2 = torch.tensor([3.0, 1.0, -4.0, 7.0], dtype=torch.float64, requires_grad=True)
+    y = qflex.bootstrap_target(rewards, terminations, next_q1, next_q2, 0.5)
+    # min = [2, 1, -4, 4]: y = [1 + 0.5 * 2, -2, 0.5 + 0.5 * (-4), 3]
+    assert y.tolist() == [2.0, -2.0, -1.5, 3.0]
+    assert not y.requires_grad
+
+
+def test_euler_sampler_feeds_the_current_action_and_the_obs():
+    """da/dt = -a in K Euler steps gives exactly (1 - 1/K)^K a0 (the current action is fed back at every step);
+    da/dt = t gives a0 + sum_k (k/K)(1/K) = a0 + (K + 1) / (2K); da/dt = s gives a0 + s."""
+    generator = torch.Generator().manual_seed(11)
+    obs, a0 = (torch.randn(8, D, generator=generator, dtype=torch.float64) for _ in range(2))
+    K = 4
+    torch.testing.assert_close(qflex.euler_sample(lambda o, a, t: -a, obs, a0, K), (1 - 1 / K) ** K * a0)
+    torch.testing.assert_close(qflex.euler_sample(lambda o, a, t: t.expand(-1, D), obs, a0, K), a0 + (K + 1) / (2 * K))
+    torch.testing.assert_close(qflex.euler_sample(lambda o, a, t: o, obs, a0, K), a0 + obs)
+
+
+def test_flow_matching_loss_passes_t_and_trains_only_the_velocity():
+    """The network sees (s, a_t, t) with t itself (not 1 - t); L = mean (v - (a1 - a0))^2 by hand for
+    v(s, a, t) = w * a * t with w = 1; the targets a0, a1 are constants (no gradient reaches them)."""
+    generator = torch.Generator().manual_seed(12)
+    obs, a0, a1 = (torch.randn(8, k, generator=generator, dtype=torch.float64) for k in (3, D, D))
+    t = torch.rand(8, generator=generator, dtype=torch.float64)
+    w = torch.ones(D, dtype=torch.float64, requires_grad=True)
+    seen = {}
+
+    def velocity(o, a_t, tt):
+        seen.update(obs=o, t=tt)
+        return w * a_t * tt
+
+    a0_leaf, a1_leaf = a0.clone().requires_grad_(True), a1.clone().requires_grad_(True)
+    loss = qflex.flow_matching_loss(velocity, obs, a0_leaf, a1_leaf, t)
+    assert torch.equal(seen["t"], t[:, None]) and torch.equal(seen["obs"], obs)
+    path = (1 - t[:, None]) * a0 + t[:, None] * a1
+    torch.testing.assert_close(loss, ((path * t[:, None] - (a1 - a0)) ** 2).mean())
+    loss.backward()
+    assert a0_leaf.grad is None and a1_leaf.grad is None and w.grad is not None
+
+
+def test_linear_critic_closed_form_truncation_and_grad_norm():
+    """Q(s, a) = c(s) . a has g = c(s) everywhere, so x_N = a0 + N min(eta, 2 sqrt(d) / (||c|| + 1e-6)) c exactly, and
+    the reported gradient norm is mean_b ||c_b||. Rows: a tiny gradient (below the 1e-6 guard), two free steps, one
+    truncated step. The inputs are left as they were (no requires_grad set on them)."""
+    generator = torch.Generator().manual_seed(13)
+    direction = torch.randn(4, D, generator=generator, dtype=torch.float64)
+    norms = torch.tensor([5e-7, 1.0, 30.0, 1e4], dtype=torch.float64)[:, None]
+    c = direction / direction.norm(dim=-1, keepdim=True) * norms
+    a0 = torch.rand(4, D, generator=generator, dtype=torch.float64) * 2 - 1
+    a1, grad_norm = qflex.q_guided_flow(lambda o, a: (o * a).sum(-1), c, a0, N_STEPS, ETA, return_grad_norm=True)
+    step = torch.minimum(torch.full_like(norms, ETA), 2 * math.sqrt(D) / (norms + 1e-6))
+    assert step[3, 0] < ETA and (step[:3] == ETA).all()  # only the large gradient is truncated
+    torch.testing.assert_close(a1, a0 + N_STEPS * step * c, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_norm, norms.mean(), rtol=1e-12, atol=0)
+    assert not a0.requires_grad and not c.requires_grad and not a1.requires_grad
+
+
+def test_box_projection_clips_every_iterate(quadratic):
+    """--clip-flow-target: x <- clip(x + eta_b g_b, -1, 1) at every step, g = -H (x - c) for the quadratic critic."""
+    h, obs, a0, q_fn, centre = quadratic
+    c = centre(obs)
+    x = a0.clone()
+    for _ in range(50):
+        g = -h * (x - c)
+        eta = torch.clamp(2 * math.sqrt(D) / (g.norm(dim=-1, keepdim=True) + 1e-6), max=0.1)
+        x = (x + eta * g).clamp(-1.0, 1.0)
+    boxed = qflex.q_guided_flow(q_fn, obs, a0, 50, 0.1, clip_to_box=True)
+    torch.testing.assert_close(boxed, x)
+    assert (boxed.abs() == 1).any() and (boxed.abs() < 1).any()
+
+
+def test_flow_superiority_ratio_counts_strict_improvements():
+    """FSR = mean 1[Q(s, a_flow) > Q(s, a0)]: a tie does not count; [B, 1] critics work too."""
+    source = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    flowed = torch.tensor([[1.0], [1.0], [1.0], [5.0]])  # better, tie, worse, better
+    obs = torch.zeros(4, 2)
+    assert qflex.flow_superiority_ratio(lambda o, a: a[:, 0], obs, source, flowed).item() == 0.5
+    assert qflex.flow_superiority_ratio(lambda o, a: a, obs, source, flowed).item() == 0.5
+
+
+def test_safe_sqrt_is_sqrt_with_a_zero_gradient_at_zero():
+    x = torch.tensor([0.0, 0.25, 4.0], dtype=torch.float64, requires_grad=True)
+    y = qflex.safe_sqrt(x)
+    assert y.tolist() == [0.0, 0.5, 2.0]
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert grad.tolist() == [0.0, 1.0, 0.25]  # d sqrt(x) / dx = 1 / (2 sqrt(x)); 0, not inf, at 0
+
+
+def test_ema_weight_plain_and_zero_debiased():
+    """Plain EMA: w = 1 - rho; zero-debiased: w_n = (1 - rho) / (1 - rho^n), so the first update copies the batch."""
+    assert qflex.ema_weight(0.99, torch.tensor(7), debias=False) == pytest.approx(0.01)
+    for n in (1, 2, 10, 500):
+        expected = 0.01 / (1 - 0.99**n)
+        assert qflex.ema_weight(0.99, torch.tensor(n), debias=True).item() == pytest.approx(expected, rel=1e-6)
+
+
 def trained_critic(obs_dim=7, act_dim=D, calls=12):
     torch.manual_seed(3)
     critic = qflex.QNetwork(obs_dim, act_dim, 32, 3)
@@ -265,7 +468,112 @@ def test_batchrenorm_eval_uses_running_stats_and_changes_nothing():
         assert torch.equal(value, before[key]), key
 
 
+def test_batchrenorm_variance_floor_and_near_constant_features():
+    """Haiku floors the batch variance at eps. Feature 0: normal during the warm-up, then constant, so var_B = eps,
+    r = clip(sqrt(2 eps) / sigma_R) = 1/3 and the output d sqrt(eps) / r / sqrt(eps / r^2 + eps) is not 0. Feature 1:
+    constant during the warm-up, so the running variance is eps and sigma_R = sqrt(2 eps), then a spread below the
+    floor and a shift of 1e-3 (r = 1, d = 1e-3 / sqrt(2 eps)). Feature 2: normal. Train and eval mode against the
+    formulas, the running variance moving towards the floored value."""
+    torch.manual_seed(14)
+    brn = qflex.BatchRenorm(3, **qflex.BRN_HAIKU).double().train()
+    for _ in range(qflex.BRN_HAIKU["warmup"]):
+        x = torch.randn(64, 3, dtype=torch.float64)
+        x[:, 1] = 0.5
+        brn(x)
+    m, v = brn.running_mean.clone(), brn.running_var.clone()
+    assert v[1].item() == pytest.approx(1e-5, rel=1e-9)
+    x = torch.randn(64, 3, dtype=torch.float64)
+    x[:, 0] = 0.5
+    x[:, 1] = 0.5 + 1e-3 + 1e-4 * torch.randn(64, dtype=torch.float64)
+    expected, r, d = brn_reference(x, m, v)
+    assert r[0] == pytest.approx(1 / 3) and 0 < d[0] < 5 and r[1] == pytest.approx(1.0) and 0.2 < d[1] < 0.25
+    torch.testing.assert_close(brn(x), expected, rtol=1e-7, atol=1e-9)
+    assert expected[:, 0].abs().min() > 0.1
+    n, rho = qflex.BRN_HAIKU["warmup"] + 1, qflex.BRN_HAIKU["momentum"]
+    w = (1 - rho) / (1 - rho**n)
+    torch.testing.assert_close(brn.running_var[:2], v[:2] + w * (1e-5 - v[:2]), rtol=1e-6, atol=1e-12)
+    brn.eval()
+    m, v = brn.running_mean.clone(), brn.running_var.clone()
+    torch.testing.assert_close(brn(x), (x - m) / torch.sqrt(v + 1e-5), rtol=1e-7, atol=1e-9)
+
+
+def test_batchrenorm_flax_flavour_plain_ema_and_no_variance_floor():
+    """The Flax flavour of the shared class (CrossQ's release: eps 1e-3, 100k warm-up, plain EMA from (0, 1)): plain
+    batch norm with eps 1e-3 during the warm-up, the batch variance of a constant feature stays 0, m <- 0.99 m +
+    0.01 mu_B."""
+    assert qflex.BRN_FLAX == dict(momentum=0.99, eps=1e-3, r_max=3.0, d_max=5.0, warmup=100_000, debias=False)
+    brn = qflex.BatchRenorm(2, **qflex.BRN_FLAX).double().train()
+    x = torch.tensor([[1.0, 0.3], [3.0, 0.3], [5.0, 0.3], [7.0, 0.3]], dtype=torch.float64)
+    y = brn(x)
+    mu, var = torch.tensor([4.0, 0.3], dtype=torch.float64), torch.tensor([5.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(y, (x - mu) / torch.sqrt(var + 1e-3))
+    torch.testing.assert_close(brn.running_mean, 0.01 * mu)
+    torch.testing.assert_close(brn.running_var, 0.99 * 1.0 + 0.01 * var)
+
+
+# ---------------------------------------------------------------------------------------------------- networks
+
+
+def test_linear_init_is_haiku_truncated_normal():
+    """N(0, 1/fan_in) truncated at 2 std: |w| <= 2 std, the truncated normal's std s sqrt(1 - 4 phi(2) / (2 Phi(2) - 1)),
+    zero bias."""
+    torch.manual_seed(15)
+    layer = qflex.trunc_normal_init_(torch.nn.Linear(400, 300))
+    std = 1 / math.sqrt(400)
+    w = layer.weight.detach()
+    assert w.abs().max() <= 2 * std and w.abs().max() > 1.99 * std and w.min() < -1.99 * std
+    phi2, mass = math.exp(-2) / math.sqrt(2 * math.pi), math.erf(2 / math.sqrt(2))
+    assert w.std().item() == pytest.approx(std * math.sqrt(1 - 4 * phi2 / mass), rel=0.02)
+    assert abs(w.mean().item()) < 0.01 * std
+    assert torch.equal(layer.bias, torch.zeros(300))
+
+
+def test_network_architecture():
+    """Trunk BRN(in) -> [Linear(H) -> ReLU -> BRN] x L; heads Linear(H, 1) (critic), Linear(H, 2d) (source policy),
+    Linear(H, d) (velocity; its input is s, a and one t column)."""
+    hidden = [torch.nn.Linear, torch.nn.ReLU, qflex.BatchRenorm]
+    assert [type(m) for m in qflex.mlp(5, 8, 2)] == [qflex.BatchRenorm, *hidden, *hidden]
+    trunk = qflex.mlp(5, 8, 2)
+    assert (trunk[1].in_features, trunk[1].out_features, trunk[4].in_features, trunk[6].num_features) == (5, 8, 8, 8)
+    q, actor, velocity = qflex.QNetwork(3, 2, 8, 2), qflex.Actor(3, 2, 8, 2), qflex.VelocityField(3, 2, 8, 2)
+    assert (q.trunk[0].num_features, q.head.in_features, q.head.out_features) == (5, 8, 1)
+    assert (actor.trunk[0].num_features, actor.fc_head.out_features) == (3, 4)
+    assert (velocity.trunk[0].num_features, velocity.head.out_features) == (6, 2)
+
+
+def test_networks_read_their_inputs_as_documented():
+    """Q(concat(s, a)) -> [B]; v(concat(s, a, t)) with t one raw column, so the output depends on t."""
+    torch.manual_seed(16)
+    obs, actions, t = torch.randn(5, 3), torch.rand(5, 2) * 2 - 1, torch.rand(5)
+    q = qflex.QNetwork(3, 2, 8, 1).eval()
+    torch.testing.assert_close(q(obs, actions), q.head(q.trunk(torch.cat([obs, actions], 1)))[:, 0])
+    velocity = qflex.VelocityField(3, 2, 8, 1).eval()
+    expected = velocity.head(velocity.trunk(torch.cat([obs, actions, t[:, None]], 1)))
+    torch.testing.assert_close(velocity(obs, actions, t), expected)
+    assert not torch.allclose(velocity(obs, actions, t), velocity(obs, actions, 1 - t))
+
+
+def test_actor_sample_is_tanh_of_the_clipped_gaussian_sample():
+    """With a zero head weight, mu and log sigma are the head's bias: log sigma is clipped to [-20, 2] and
+    a0 = tanh(mu + exp(log sigma) * noise), tanh on the sample (not on mu alone)."""
+    actor = qflex.Actor(3, 3, 8, 1).double().eval()
+    with torch.no_grad():
+        actor.fc_head.weight.zero_()
+        actor.fc_head.bias.copy_(torch.tensor([0.3, -0.2, 0.1, 5.0, -30.0, -0.5], dtype=torch.float64))
+    obs = torch.randn(2, 3, dtype=torch.float64)
+    mean, log_std = actor(obs)
+    assert mean.tolist() == [[0.3, -0.2, 0.1]] * 2 and log_std.tolist() == [[2.0, -20.0, -0.5]] * 2
+    noise = torch.tensor([[0.01, 1e8, -2.0], [-0.5, -1e8, 3.0]], dtype=torch.float64)
+    mu = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    sigma = torch.tensor([math.exp(2.0), math.exp(-20.0), math.exp(-0.5)], dtype=torch.float64)
+    expected = torch.tanh(mu + sigma * noise)
+    torch.testing.assert_close(actor.sample(obs, noise), expected)
+
+
 # ---------------------------------------------------------------------------------------------------- update steps
+
+
+ADAM = dict(lr=1e-2, betas=(0.5, 0.999))  # the optimisers of tiny_problem
 
 
 def tiny_problem(flow=True):
@@ -363,6 +671,111 @@ def test_flow_step_trains_only_the_velocity_field_towards_the_q_ascent_target():
     assert all(same_state(p[k], before[k]) for k in others)
     assert not same_state(p["velocity"], before["velocity"])
     assert p["velocity"].trunk[0].num_batches_tracked.item() == 1  # velocity BatchRenorm in train mode
+
+
+def wrong_modes_and_stale_grads(p, train, evaluate, stale):
+    """Put networks in the mode a step must NOT rely on and give `stale` networks old gradients, so the test sees
+    whether the step sets its own BatchRenorm modes and clears old gradients."""
+    for key in train:
+        p[key].train()
+    for key in evaluate:
+        p[key].eval()
+    for key in stale:
+        for param in p[key].parameters():
+            param.grad = torch.full_like(param, 100.0)
+
+
+def source_action(actor, obs, noise):
+    """tanh(mu + sigma noise) from the actor's head, written out (Actor.sample is tested on its own)."""
+    mean, log_std = actor(obs)
+    return torch.tanh(mean + log_std.exp() * noise)
+
+
+def test_critic_step_is_one_adam_step_and_fills_both_phi_bars():
+    """critic_step = one Adam step on mse(Q1, y) + mse(Q2, y), y = r + gamma (1 - term) min(Q1', Q2') from the same
+    train-mode pass over [s; s'] and a' from the actor in eval mode, whatever the modes and gradients before; then
+    phi-bar of both critics holds the pre-step weights and the post-pass statistics."""
+    p, batch, noise, args = tiny_problem()
+    actor_ref = copy.deepcopy(p["actor"]).eval()
+    refs = [copy.deepcopy(p[k]).train() for k in ("qf1", "qf2")]
+    before = {k: snapshot(p[k]) for k in ("qf1", "qf2")}
+    wrong_modes_and_stale_grads(p, train=("actor",), evaluate=("qf1", "qf2"), stale=("qf1", "qf2"))
+    critic_step(p, batch, noise, args)
+    optimizer = torch.optim.Adam([*refs[0].parameters(), *refs[1].parameters()], **ADAM)
+    with torch.no_grad():
+        next_actions = source_action(actor_ref, batch.next_obs, noise)
+    joint_obs, joint_actions = torch.cat([batch.obs, batch.next_obs]), torch.cat([batch.actions, next_actions])
+    (q1, q1_next), (q2, q2_next) = (ref(joint_obs, joint_actions).chunk(2) for ref in refs)
+    y = (batch.rewards + args.gamma * (1 - batch.terminations) * torch.minimum(q1_next, q2_next)).detach()
+    loss = ((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    for key, ref in zip(("qf1", "qf2"), refs, strict=True):
+        for name, value in p[key].state_dict().items():
+            torch.testing.assert_close(value, ref.state_dict()[name], msg=f"{key}.{name}")
+        bar, online = p[f"{key}_bar"].state_dict(), p[key].state_dict()
+        for name, value in bar.items():
+            stat = name.split(".")[-1] in ("running_mean", "running_var", "num_batches_tracked")
+            assert torch.equal(value, online[name] if stat else before[key][name]), f"{key}_bar.{name}"
+
+
+def test_actor_step_is_one_adam_step_on_the_phi_bar_objective():
+    """actor_step = one Adam step on -mean min_j Q_j(s, tanh(mu + sigma eps); phi-bar in eval mode), the source
+    policy in train mode, whatever the modes and gradients before."""
+    p, batch, noise, args = tiny_problem()
+    critic_step(p, batch, noise, args)
+    ref = copy.deepcopy(p["actor"]).train()
+    bars = [copy.deepcopy(p[k]).eval() for k in ("qf1_bar", "qf2_bar")]
+    wrong_modes_and_stale_grads(p, train=("qf1_bar", "qf2_bar"), evaluate=("actor",), stale=("actor",))
+    qflex.actor_step(batch, noise, p["actor"], p["qf1_bar"], p["qf2_bar"], p["actor_optimizer"])
+    optimizer = torch.optim.Adam(ref.parameters(), **ADAM)
+    pi = source_action(ref, batch.obs, noise)
+    loss = -torch.minimum(bars[0](batch.obs, pi), bars[1](batch.obs, pi)).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    for name, value in p["actor"].state_dict().items():
+        torch.testing.assert_close(value, ref.state_dict()[name], msg=name)
+    for key, bar in zip(("qf1_bar", "qf2_bar"), bars, strict=True):  # phi-bar ran in eval mode: nothing moved
+        assert same_state(p[key], bar.state_dict())
+
+
+def test_flow_step_is_one_adam_step_of_flow_matching_on_next_states():
+    """flow_step = one Adam step on mean (v(s', a_t, t) - (a1 - a0))^2 (velocity train mode), a0 from the actor in eval
+    mode on s', a1 its ascent target under phi-bar (eval), whatever the modes and gradients before; (a0, a1) come
+    back as plain data."""
+    p, batch, noise, args = tiny_problem()
+    critic_step(p, batch, noise, args)
+    qflex.actor_step(batch, noise, p["actor"], p["qf1_bar"], p["qf2_bar"], p["actor_optimizer"])
+    actor_ref, ref = copy.deepcopy(p["actor"]).eval(), copy.deepcopy(p["velocity"]).train()
+    bars = [copy.deepcopy(p[k]).eval() for k in ("qf1_bar", "qf2_bar")]
+    actor_before = snapshot(p["actor"])
+    wrong_modes_and_stale_grads(p, train=("actor", "qf1_bar", "qf2_bar"), evaluate=("velocity",), stale=("velocity",))
+    t = torch.rand(16)
+    keys = ("actor", "velocity", "qf1_bar", "qf2_bar", "flow_optimizer")
+    _, (a0, a1) = qflex.flow_step(batch, noise, t, *(p[k] for k in keys), args)
+    with torch.no_grad():
+        expected_a0 = source_action(actor_ref, batch.next_obs, noise)
+    expected_a1 = qflex.q_guided_flow(
+        lambda o, a: torch.minimum(bars[0](o, a), bars[1](o, a)),
+        batch.next_obs,
+        expected_a0,
+        args.flow_steps,
+        args.flow_step_size,
+    )
+    torch.testing.assert_close(a0, expected_a0)
+    torch.testing.assert_close(a1, expected_a1)
+    assert not a0.requires_grad and not a1.requires_grad
+    optimizer = torch.optim.Adam(ref.parameters(), **ADAM)
+    a_t = (1 - t[:, None]) * expected_a0 + t[:, None] * expected_a1
+    loss = ((ref(batch.next_obs, a_t, t) - (expected_a1 - expected_a0)) ** 2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    for name, value in p["velocity"].state_dict().items():
+        torch.testing.assert_close(value, ref.state_dict()[name], msg=name)
+    assert same_state(p["actor"], actor_before)  # the actor ran in eval mode: no BatchRenorm statistic moved
 
 
 @pytest.mark.parametrize("flow", [True, False])

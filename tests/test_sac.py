@@ -1,6 +1,7 @@
 """algos/sac.py end to end: smoke runs where updates really run, logged keys, presets, checkpoint/resume,
 clear failures, determinism, and a learning test on ChainReach4-v0."""
 
+import copy
 import json
 import math
 import textwrap
@@ -9,6 +10,48 @@ import pytest
 import torch
 
 from tests.conftest import assert_one_line_error, final_eval, load_script, read_scalars, run_algo, run_dirs
+
+# tests/mutate.py ids of mutants that cannot change what the program computes (reason with each).
+EQUIVALENT_MUTANTS = {
+    "trunc_normal_init_: nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std) nn.init.zeros_(laye... -> "
+    "nn.init.zeros_(layer.bias) nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2...": (
+        "zeros_ uses no random numbers and touches only the bias: the two init calls commute"
+    ),
+    "SoftQNetwork.forward: -1 -> 1": "squeeze(1) and squeeze(-1) are the same dim of the [B, 1] head output",
+    "Actor.__init__: super().__init__() self.separate_heads, self.log_det = separate_heads, log_det -> "
+    "self.separate_heads, self.log_det = (separate_heads, log_det) super().__init__()": (
+        "plain (non-tensor, non-module) attributes may be set before Module.__init__, which keeps them"
+    ),
+    "Actor.__init__: self.separate_heads, self.log_det = separate_heads, log_det # h, the env's action half-... -> "
+    "self.register_buffer('action_scale', torch.as_tensor(action_scale, dtype=torch.float32)...": (
+        "setting two plain attributes and registering a buffer commute"
+    ),
+    'Actor.__init__: self.register_buffer("action_scale", torch.as_tensor(action_scale, dtype=torch.float32)... -> '
+    "self.trunk = mlp(obs_dim, hidden_dim, num_layers, activation, jax_init) self.register_b...": (
+        "registering a buffer draws no random numbers, and own buffers precede submodules in state_dict either way"
+    ),
+    "Actor.forward: -1 -> 1": (
+        "chunk over dim 1 and dim -1 are the same for the 2-D [B, 2|A|] head output (obs is always [N, obs_dim])"
+    ),
+    "tanh_gaussian_log_prob: -1 -> 1": (
+        "sum over dim 1 and dim -1 are the same for the 2-D [B, |A|] inputs every caller passes"
+    ),
+    "critic_step: qf2_loss = F.mse_loss(qf2_a_values, next_q_value) q_optimizer.zero_grad() -> q_optimizer.zero_grad() "
+    "qf2_loss = F.mse_loss(qf2_a_values, next_q_value)": (
+        "a forward pass does not touch .grad, so zero_grad before or after it is the same"
+    ),
+    "actor_step: log_alpha.detach() -> log_alpha": (
+        "backward(inputs=actor.parameters()) accumulates nothing into log_alpha and the loss value is the same"
+    ),
+    "actor_step: actor_loss = (log_alpha.detach().exp() * log_pi - min_qf_pi).mean() actor_optimizer.zer... -> "
+    "actor_optimizer.zero_grad() actor_loss = (log_alpha.detach().exp() * log_pi - min_qf_pi...": (
+        "computing the loss does not touch .grad, so zero_grad before or after it is the same"
+    ),
+    "alpha_step: alpha_loss = temperature_loss(log_alpha, log_pi, target_entropy, form) a_optimizer.zero... -> "
+    "a_optimizer.zero_grad() alpha_loss = temperature_loss(log_alpha, log_pi, target_entropy...": (
+        "computing the loss does not touch .grad, so zero_grad before or after it is the same"
+    ),
+}
 
 # Tiny but complete: warm-up ends well before the budget, so updates, logging and one evaluation all run.
 TINY = [
@@ -295,6 +338,248 @@ def test_presets_set_the_tanh_correction():
     assert sac.resolve_preset(sac.Args(preset="paper")).tanh_correction is True
     assert sac.resolve_preset(sac.Args()).tanh_correction is False  # the Qflex authors' SAC has it commented out
     assert sac.resolve_preset(sac.Args(tanh_correction=True)).tanh_correction is True
+
+
+# ---- the maths and the update steps against their definitions (float64, SGD so that an update is exact) ----
+TERMINATIONS = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+LOG_ALPHA = 0.3  # alpha = e^0.3, away from 1 so alpha and log alpha differ; lr of every SGD below
+LR = 0.1
+
+
+def tiny_sac64(preset="qflex-protocol", seed=0):
+    """tiny_sac in float64, its terminations a mix of 0 and 1, s' well apart from s, log alpha = LOG_ALPHA."""
+    args, actor, qf1, qf2, qf1_target, qf2_target, batch, _ = tiny_sac(preset, seed=seed)
+    for module in (actor, qf1, qf2, qf1_target, qf2_target):
+        module.double()
+    batch = sac.Batch(*(x.double() for x in batch))
+    batch = batch._replace(next_obs=batch.next_obs + 2.0, terminations=TERMINATIONS.clone())
+    log_alpha = torch.tensor(LOG_ALPHA, dtype=torch.float64, requires_grad=True)
+    return args, actor, qf1, qf2, qf1_target, qf2_target, batch, log_alpha
+
+
+def reference_sample(actor, obs, noise):
+    """a = tanh(x), x = mu + sigma * noise, and log pi(a|s) from torch.distributions with the actor's log-Jacobian form."""
+    mean, log_std = actor(obs)
+    x = mean + log_std.exp() * noise
+    log_prob = torch.distributions.Normal(mean, log_std.exp()).log_prob(x)
+    if actor.log_det == "exact":
+        log_prob = log_prob - torch.log(1 - torch.tanh(x) ** 2)
+    elif actor.log_det == "cleanrl":
+        log_prob = log_prob - torch.log(actor.action_scale * (1 - torch.tanh(x) ** 2) + 1e-6)
+    return torch.tanh(x), log_prob.sum(-1)
+
+
+def stale_grads(*modules, value=7.0):
+    """Fill every gradient with a constant, as a previous step that forgot zero_grad would leave it."""
+    for module in modules:
+        for p in module.parameters():
+            p.grad = torch.full_like(p, value)
+
+
+def sgd_result(modules, loss_fn):
+    """Parameters of `modules` after one SGD(LR) step on loss_fn(copies), computed on deep copies."""
+    copies = [copy.deepcopy(m) for m in modules]
+    for m in copies:
+        for p in m.parameters():
+            p.grad = None
+    loss = loss_fn(*copies)
+    leaves = [p for m in copies for p in m.parameters()]
+    grads = torch.autograd.grad(loss, leaves)
+    return [(p - LR * g).detach() for p, g in zip(leaves, grads, strict=True)], loss.detach()
+
+
+def test_trunc_normal_init_is_haikus_default():
+    """N(0, 1/fan_in) truncated at +-2 std (its std is 0.8796 of the untruncated one), bias exactly 0."""
+    torch.manual_seed(0)
+    layer = sac.trunc_normal_init_(torch.nn.Linear(400, 300))
+    std, w = 1 / 20, layer.weight.detach()
+    assert torch.equal(layer.bias.detach(), torch.zeros(300))
+    assert w.min() >= -2 * std and w.max() <= 2 * std and w.min() < -1.95 * std and w.max() > 1.95 * std
+    assert w.std().item() == pytest.approx(0.8796 * std, rel=0.02) and abs(w.mean().item()) < 0.01 * std
+
+
+@pytest.mark.parametrize("preset", ["paper", "qflex-protocol"])
+def test_every_linear_layer_has_the_preset_init(preset):
+    """qflex-protocol: the Haiku init in every layer, heads included (zero bias, |w| <= 2/sqrt(fan_in));
+    paper: PyTorch's default (uniform, non-zero bias), as CleanRL."""
+    _, actor, qf1, *_ = tiny_sac(preset)
+    layers = [m for net in (actor, qf1) for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 2 * (sac.resolve_preset(sac.Args(preset=preset)).num_layers + 1) + (preset == "paper")
+    for layer in layers:
+        zero_bias = bool((layer.bias == 0).all())
+        assert zero_bias == (preset == "qflex-protocol"), layer
+        if zero_bias:
+            assert layer.weight.abs().max() <= 2 / math.sqrt(layer.in_features)
+
+
+def test_soft_q_network_is_one_value_per_row_of_the_concatenated_input():
+    _, _, qf1, *_ = tiny_sac64()
+    obs, actions = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    q = qf1(obs, actions)
+    assert q.shape == (5,)
+    torch.testing.assert_close(q, qf1.head(qf1.trunk(torch.cat([obs, actions], 1)))[:, 0])
+
+
+def test_actor_heads_against_their_definitions():
+    """paper: log sigma = -5 + 3.5 (tanh(raw) + 1), in (-5, 2); qflex-protocol: one head, first half mu, second half
+    log sigma clipped to [-20, 0.5]."""
+    obs = torch.randn(64, 3, dtype=torch.float64) * 3
+    _, actor, *_ = tiny_sac64("paper")
+    mean, log_std = actor(obs)
+    h = actor.trunk(obs)
+    torch.testing.assert_close(mean, actor.fc_mean(h))
+    torch.testing.assert_close(log_std, -5.0 + 3.5 * (torch.tanh(actor.fc_logstd(h)) + 1.0))
+    torch.manual_seed(0)  # three action dimensions: a 6-wide head, which chunk(3) would split into three
+    kwargs = dict(hidden_dim=16, num_layers=3, activation=torch.nn.GELU, jax_init=True)
+    actor = sac.Actor(3, 3, separate_heads=False, log_det="none", action_scale=torch.ones(3), **kwargs).double()
+    with torch.no_grad():
+        actor.fc_head.weight.mul_(30.0)  # raw log sigma on both sides of 0.5
+    mean, log_std = actor(obs)
+    raw = actor.fc_head(actor.trunk(obs))
+    torch.testing.assert_close(mean, raw[:, :3])
+    torch.testing.assert_close(log_std, raw[:, 3:].clamp(-20.0, 0.5))
+    assert (raw[:, 3:] > 0.5).any() and (raw[:, 3:] < 0.5).any()
+
+
+@pytest.mark.parametrize("log_det", ["none", "exact", "cleanrl"])
+def test_actor_sample_is_the_reparameterised_tanh_gaussian(log_det):
+    """a = tanh(mu + sigma * noise) and log pi of that sample, for every log-Jacobian form (half-widths 0.5 and 2)."""
+    torch.manual_seed(1)
+    kwargs = dict(hidden_dim=16, num_layers=2, activation=torch.nn.ReLU, jax_init=False)
+    actor = sac.Actor(3, 2, separate_heads=True, log_det=log_det, action_scale=[0.5, 2.0], **kwargs).double()
+    obs, noise = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    actions, log_prob = actor.sample(obs, noise)
+    expected_actions, expected_log_prob = reference_sample(actor, obs, noise)
+    torch.testing.assert_close(actions, expected_actions)
+    torch.testing.assert_close(log_prob, expected_log_prob)
+    mean, _ = actor(obs)
+    assert not torch.allclose(actions, torch.tanh(mean))  # the noise enters
+
+
+def test_cleanrl_log_jacobian_keeps_its_regulariser_where_tanh_saturates():
+    """CleanRL's form is log(h (1 - tanh(x)^2) + 1e-6) exactly; near saturation the 1e-6 matters."""
+    x = torch.tensor([[6.0, -6.5, 0.3]], dtype=torch.float64)
+    noise, log_std, h = torch.zeros_like(x), torch.zeros_like(x), torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    base = -0.5 * math.log(2 * math.pi) * 3
+    expected = base - torch.log(h * (1 - torch.tanh(x) ** 2) + 1e-6).sum(-1)
+    torch.testing.assert_close(sac.tanh_gaussian_log_prob(x, noise, log_std, "cleanrl", h), expected)
+
+
+def test_soft_q_target_against_its_definition():
+    """y = r + gamma (min(Q1', Q2') - alpha log pi') where not terminated, y = r where terminated."""
+    g = torch.Generator().manual_seed(3)
+    rewards, q1, q2, log_prob = (torch.randn(8, generator=g, dtype=torch.float64) for _ in range(4))
+    assert (q1 < q2).any() and (q1 > q2).any()
+    alpha, gamma = 0.7, 0.9
+    y = sac.soft_q_target(rewards, TERMINATIONS, q1, q2, log_prob, alpha, gamma)
+    bootstrap = rewards + gamma * (torch.where(q1 < q2, q1, q2) - alpha * log_prob)
+    torch.testing.assert_close(y, torch.where(TERMINATIONS.bool(), rewards, bootstrap))
+
+
+@pytest.mark.parametrize("form", ["alpha", "log-alpha"])
+def test_temperature_loss_value_and_gradient(form):
+    """alpha form: -mean(alpha (log pi + H)), d/dlog alpha = -alpha mean(log pi + H); log-alpha form: -mean(log alpha
+    (log pi + H)), d/dlog alpha = -mean(log pi + H). log pi gets no gradient."""
+    log_alpha = torch.tensor(LOG_ALPHA, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    log_pi = scale * torch.tensor([0.5, -1.0, 2.0, -3.5], dtype=torch.float64)  # mean -0.75 * 1.5
+    loss = sac.temperature_loss(log_alpha, log_pi, -2.0, form)
+    gap = (log_pi.detach() - 2.0).mean()  # mean(log pi + H_target)
+    weight = math.exp(LOG_ALPHA) if form == "alpha" else LOG_ALPHA
+    assert loss.item() == pytest.approx(-weight * gap.item(), rel=1e-12)
+    loss.backward()
+    slope = math.exp(LOG_ALPHA) if form == "alpha" else 1.0
+    assert log_alpha.grad.item() == pytest.approx(-slope * gap.item(), rel=1e-12) and scale.grad is None
+
+
+@pytest.mark.parametrize("form", ["alpha", "log-alpha"])
+def test_alpha_step_is_one_sgd_step_of_the_temperature_loss(form):
+    """Stale gradients are cleared, the step is log alpha - lr * gradient, and the logs are the loss and the new alpha."""
+    log_alpha = torch.tensor(LOG_ALPHA, dtype=torch.float64, requires_grad=True)
+    log_alpha.grad = torch.tensor(5.0, dtype=torch.float64)
+    optimizer = torch.optim.SGD([log_alpha], lr=LR)
+    log_pi = torch.tensor([0.5, -1.0, 2.0, -3.5], dtype=torch.float64)
+    gap = (log_pi - 2.0).mean().item()
+    slope = math.exp(LOG_ALPHA) if form == "alpha" else 1.0
+    logs = sac.alpha_step(log_pi, log_alpha, optimizer, -2.0, form)
+    assert log_alpha.item() == pytest.approx(LOG_ALPHA + LR * slope * gap, rel=1e-12)
+    weight = math.exp(LOG_ALPHA) if form == "alpha" else LOG_ALPHA
+    assert logs["losses/alpha_loss"].item() == pytest.approx(-weight * gap, rel=1e-12)
+    assert logs["losses/alpha"].item() == pytest.approx(math.exp(log_alpha.item()), rel=1e-12)
+
+
+@pytest.mark.parametrize("preset", ["paper", "qflex-protocol"])
+def test_critic_step_is_one_sgd_step_on_the_soft_bellman_error(preset):
+    """The loss is sum_i mean (Q_i(s, a) - y)^2, y from the *target* critics at a' ~ pi(.|s') (a' and its log pi
+    from the current actor, reward scaled, min of the two, no bootstrap where terminated), all without gradient: the
+    critics take exactly that SGD step from stale gradients, and actor and targets keep their weights and get none."""
+    args, actor, qf1, qf2, qf1_target, qf2_target, batch, log_alpha = tiny_sac64(preset)
+    args.reward_scale = 0.5  # paper's is 1: a scale that differs from 1 in both presets
+    noise = torch.randn(8, 2, dtype=torch.float64)
+    alpha = math.exp(LOG_ALPHA)
+
+    def loss_fn(q1, q2):
+        with torch.no_grad():
+            next_actions, next_log_prob = reference_sample(actor, batch.next_obs, noise)
+            next_q = torch.minimum(qf1_target(batch.next_obs, next_actions), qf2_target(batch.next_obs, next_actions))
+            bootstrap = 0.5 * batch.rewards + args.gamma * (next_q - alpha * next_log_prob)
+            y = torch.where(batch.terminations.bool(), 0.5 * batch.rewards, bootstrap)
+        errors = [((q(batch.obs, batch.actions) - y) ** 2).mean() for q in (q1, q2)]
+        loss_fn.errors = [e.detach() for e in errors]
+        return errors[0] + errors[1]
+
+    expected, _ = sgd_result([qf1, qf2], loss_fn)
+    fixed = [params(m) for m in (actor, qf1_target, qf2_target)]
+    stale_grads(qf1, qf2)
+    optimizer = torch.optim.SGD(list(qf1.parameters()) + list(qf2.parameters()), lr=LR)
+    logs = sac.critic_step(batch, noise, actor, qf1, qf2, qf1_target, qf2_target, optimizer, log_alpha, args)
+    for p, e in zip(list(qf1.parameters()) + list(qf2.parameters()), expected, strict=True):
+        torch.testing.assert_close(p.detach(), e)
+    assert all(same(b, params(m)) for b, m in zip(fixed, (actor, qf1_target, qf2_target), strict=True))
+    assert all(p.grad is None for m in (actor, qf1_target, qf2_target) for p in m.parameters())
+    assert log_alpha.grad is None and all(v.ndim == 0 and not v.requires_grad for v in logs.values())
+    torch.testing.assert_close(logs["losses/qf1_loss"], loss_fn.errors[0])
+    torch.testing.assert_close(logs["losses/qf2_loss"], loss_fn.errors[1])
+    assert logs["losses/alpha"].item() == pytest.approx(alpha)
+
+
+@pytest.mark.parametrize("preset", ["paper", "qflex-protocol"])
+def test_actor_step_is_one_sgd_step_on_alpha_log_pi_minus_min_q(preset):
+    """The loss is mean(alpha log pi(a~|s) - min_i Q_i(s, a~)) at s (never s'), alpha a constant: the actor takes exactly
+    that SGD step from stale gradients; the critics keep their weights and their waiting gradients, log alpha gets none."""
+    args, actor, qf1, qf2, _, _, batch, log_alpha = tiny_sac64(preset)
+    noise = torch.randn(8, 2, dtype=torch.float64)
+    alpha = math.exp(LOG_ALPHA)
+
+    def loss_fn(pi_net):
+        actions, log_prob = reference_sample(pi_net, batch.obs, noise)
+        loss_fn.log_prob = log_prob.detach()
+        return (alpha * log_prob - torch.minimum(qf1(batch.obs, actions), qf2(batch.obs, actions))).mean()
+
+    expected, expected_loss = sgd_result([actor], loss_fn)
+    stale_grads(actor)
+    stale_grads(qf1, qf2, value=3.0)  # the critics' gradients are left exactly as they are
+    critics = params(qf1) + params(qf2)
+    optimizer = torch.optim.SGD(actor.parameters(), lr=LR)
+    logs, log_pi = sac.actor_step(batch, noise, actor, qf1, qf2, optimizer, log_alpha, args)
+    for p, e in zip(actor.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), e)
+    assert same(critics, params(qf1) + params(qf2)) and log_alpha.grad is None
+    assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for m in (qf1, qf2) for p in m.parameters())
+    torch.testing.assert_close(logs["losses/actor_loss"], expected_loss)
+    torch.testing.assert_close(log_pi, loss_fn.log_prob)
+    assert not logs["losses/actor_loss"].requires_grad
+
+
+def test_polyak_update_leaves_the_online_network_and_refuses_mismatched_networks():
+    _, _, qf1, _, qf1_target, _, _, _ = tiny_sac()
+    online = params(qf1)
+    sac.polyak_update(qf1, qf1_target, 1.0)  # tau = 1 copies
+    assert same(online, params(qf1)) and same(online, params(qf1_target))
+    kwargs = dict(hidden_dim=16, activation=torch.nn.GELU, jax_init=True)
+    shallow, deep = sac.SoftQNetwork(3, 2, num_layers=1, **kwargs), sac.SoftQNetwork(3, 2, num_layers=2, **kwargs)
+    with pytest.raises(ValueError):  # zip(strict=True): never a silent partial update
+        sac.polyak_update(shallow, deep, 0.5)
 
 
 def test_resume_refuses_another_device_and_incomplete_checkpoints(tmp_path):
