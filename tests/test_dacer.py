@@ -23,7 +23,101 @@ from tests.conftest import assert_one_line_error, final_eval, load_script, read_
 dacer = load_script("algos/dacer.py")
 
 # Mutants of tests/mutate.py that cannot change what the code computes, with the reason (read with ast.literal_eval).
-EQUIVALENT_MUTANTS = {}
+EQUIVALENT_MUTANTS = {
+    "trunc_normal_init_: nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std) "
+    "nn.init.zeros_(laye... -> nn.init.zeros_(layer.bias) nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, "
+    "b=2...": ("independent in-place inits of weight and bias; zeros_ draws no random numbers"),
+    "DistributionalQNetwork.forward: -1 -> 1": "the head output is 2-D, so dim 1 is dim -1",
+    "ChainNoise.split: True -> False": "strict= only checks lengths; x_T, z and xi always hold the same rows",
+    "Actor.__init__: super().__init__() self.obs_dim, self.act_dim, self.time_dim, self.x_T_scale = obs_dim,... -> "
+    "self.obs_dim, self.act_dim, self.time_dim, self.x_T_scale = (obs_dim, act_dim, time_dim...": (
+        "plain ints and floats may be set on an nn.Module before Module.__init__, which leaves them alone"
+    ),
+    "Actor.draw_noise: True -> False": "strict= only checks lengths; every chunk holds exactly (x_T, z, xi)",
+    "timestep_embedding: -1 -> 1": "the angles are 2-D, so dim 1 is dim -1",
+    "distributional_critic_loss: mean + (y_sample - mean).clamp(-td_clip * std_ema, td_clip * std_ema) -> mean - "
+    "(y_sample - mean).clamp(-td_clip * std_ema, td_clip * std_ema)": (
+        "y_b is detached and enters only as (mu - y_b)^2, the same for mu + c and mu - c"
+    ),
+    "distributional_critic_loss: std.clamp(min=0.0) -> std": "sigma is a softplus output, never negative",
+    "kmeans_plusplus_draws: 1 -> 2 #2": "NumPy's reshape treats any negative size as the one inferred dimension (-2 as -1)",
+    "relocate_empty_clusters: -1 -> 1": "the tensor is 2-D here, so dim 1 is dim -1",
+    "relocate_empty_clusters: -1 -> 1 #2": "the tensor is 2-D here, so dim 1 is dim -1",
+    "relocate_empty_clusters: -1 -> 1 #3": "the tensor is 2-D here, so dim 1 is dim -1",
+    "relocate_empty_clusters: rank[:, j].clamp(min=0) -> rank[:, j]": (
+        "rank is -1 only for clusters before the first empty one, where move is False and the index picked (the last) "
+        "changes nothing"
+    ),
+    "lloyd_step: not syncs_are_free(X.device) -> syncs_are_free(X.device)": (
+        "the empty-cluster step is a no-op when no cluster is empty, so calling it always changes nothing"
+    ),
+    "lloyd_step: counts == 0 -> counts != 0": (
+        "some cluster is always non-empty, so the empty-cluster step (a no-op without empty clusters) is always called"
+    ),
+    "lloyd_step: -1 -> 1 #3": "the tensor is 2-D here, so dim 1 is dim -1",
+    "lloyd_step: -1 -> 1 #4": (
+        "sqrt then square per coordinate instead of per center: the total squared shift is the same sum (up to rounding)"
+    ),
+    "lloyd_step: 1 -> 2 #6": (
+        "sqrt then square per coordinate instead of per center: the total squared shift is the same sum (up to rounding)"
+    ),
+    "lloyd_step: -1 -> 1 #5": "the tensor is 2-D here, so dim 1 is dim -1",
+    "kmeans_labels: 1 -> 2 #3": "[:, 0] keeps only the first of the sliced points, X[first], either way",
+    "kmeans_labels: -1 -> 1 #2": "the tensor is 2-D here, so dim 1 is dim -1",
+    "kmeans_labels: torch.searchsorted(closest.cumsum(-1), u * pot[:, None]).clamp(max=S - 1) -> "
+    "torch.searchsorted(closest.cumsum(-1), u * pot[:, None])": (
+        "the RandomState(42) draws are all <= 0.951, so u * pot never exceeds the last cumulative sum and no index reaches S"
+    ),
+    "kmeans_labels: -1 -> 1 #3": "the tensor is 2-D here, so dim 1 is dim -1",
+    "kmeans_labels: S - 1 -> S + 1": (
+        "the RandomState(42) draws are all <= 0.951, so u * pot never exceeds the last cumulative sum and no index reaches S"
+    ),
+    "kmeans_labels: -1 -> 1 #5": "the tensor is 2-D here, so dim 1 is dim -1",
+    "kmeans_labels: pot, closest = pots[rows, best], dist[rows, best] centers.append(X[rows, candidates[row... -> "
+    "centers.append(X[rows, candidates[rows, best]]) pot, closest = (pots[rows, best], dist[...": ("independent statements"),
+    "kmeans_labels: -1 -> 1 #6": "the tensor is 2-D here, so dim 1 is dim -1",
+    "kmeans_labels: -1 -> 1 #8": (
+        "the first Lloyd step labels the first seed's own point 0 (distance 0, first of equal minima), so the labels "
+        "are never all 1 and the first comparison fails either way"
+    ),
+    "kmeans_labels: 1 -> 2 #12": "labels are never -2 either, so the first comparison fails either way",
+    "kmeans_labels.step: -1 -> 1": "the tensor is 2-D here, so dim 1 is dim -1",
+    "gaussian_parameters: -2 -> 2": "the tensor is 4-D ([B, K, d, d]), so dim 2 is dim -2",
+    "covariance_cholesky: -1 -> 1": "the tensor is 2-D here, so dim 1 is dim -1",
+    "covariance_cholesky: -1 -> 1 #2": "the tensor is 2-D here, so dim 1 is dim -1",
+    "gmm_log_resp: -2 -> 2": "the tensor is 4-D ([B, K, d, d]), so dim 2 is dim -2",
+    "gmm_log_resp: -1 -> 1 #8": "the tensor is 2-D here, so dim 1 is dim -1",
+    "fit_gmm: -math.inf -> math.inf": "the first change |L - (+-inf)| is inf either way, never below tol",
+    "fit_gmm.step: -1 -> 1": "the tensor is 2-D here, so dim 1 is dim -1",
+    "fit_gmm.step: -1 -> 1 #2": "the tensor is 2-D here, so dim 1 is dim -1",
+    "gmm_entropy: -2 -> 2": "the tensor is 4-D ([B, K, d, d]), so dim 2 is dim -2",
+    "gmm_entropy: -1 -> 1 #5": "the tensor is 2-D here, so dim 1 is dim -1",
+    "gmm_entropy: -1 -> 1 #6": "the tensor is 2-D here, so dim 1 is dim -1",
+    "critic_step: with torch.no_grad(): y_mean, y_sample = bootstrap_target( args.reward_scale * batch.re... -> "
+    "y_mean, y_sample = bootstrap_target(args.reward_scale * batch.rewards, batch.terminatio...": (
+        "the targets enter the loss only through detached terms ((y_mean - mu).detach(), the detached y_b), so no "
+        "gradient reaches the target critics either way"
+    ),
+    "critic_step: qf2_loss = distributional_critic_loss(qf2_a_values, qf2_a_std, y_mean, y_sample, std_em... -> "
+    "q_optimizer.zero_grad() qf2_loss = distributional_critic_loss(qf2_a_values, qf2_a_std, ...": (
+        "no backward pass runs between the two statements"
+    ),
+    "actor_step: pi.detach() -> pi": "abs() >= 1.0 gives a bool tensor without a graph either way",
+    "actor_step: actor_loss = -torch.minimum(qf1(batch.obs, pi)[0], qf2(batch.obs, pi)[0]).mean() actor_... -> "
+    "actor_optimizer.zero_grad() actor_loss = -torch.minimum(qf1(batch.obs, pi)[0], qf2(batc...": (
+        "no backward pass runs between the two statements"
+    ),
+    "actor_step: actor_optimizer.step() clipped_fraction = (pi.detach().abs() >= 1.0).float().mean() -> "
+    "clipped_fraction = (pi.detach().abs() >= 1.0).float().mean() actor_optimizer.step()": (
+        "pi is computed before the step; the step does not change it"
+    ),
+    "alpha_step: True -> False": "strict= only checks lengths, which are always equal here",
+    "alpha_step: alpha_loss = -log_alpha * (target_entropy - entropy) a_optimizer.zero_grad() -> "
+    "a_optimizer.zero_grad() alpha_loss = -log_alpha * (target_entropy - entropy)": (
+        "no backward pass runs between the two statements"
+    ),
+    "polyak_update: True -> False": "strict= only checks lengths; online and target networks have the same parameters",
+}
 
 # Tiny but complete: warm-up ends well before the budget, so updates, alpha (GMM) steps, logging and evaluation run.
 TINY = ["--total-timesteps", "300", "--learning-starts", "100", "--batch-size", "16", "--buffer-size", "5000",
