@@ -292,7 +292,9 @@ def correlation_matrix(actions: np.ndarray) -> np.ndarray:
     std = centred.std(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = (centred.T @ centred) / len(actions) / np.outer(std, std)
-    corr[np.outer(std == 0, std == 0) | (std == 0)[:, None] | (std == 0)[None, :]] = np.nan
+    constant = std == 0
+    corr[constant, :] = np.nan
+    corr[:, constant] = np.nan
     return corr
 
 

@@ -17,8 +17,9 @@ Run it on an otherwise idle machine; prints a markdown table with the CPU name a
 import argparse
 import multiprocessing as mp
 import os
-import platform
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -27,16 +28,8 @@ import numpy as np  # noqa: E402
 import envs  # noqa: E402
 from envs.pool import EnvPool, default_start_method  # noqa: E402
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import cpu_name  # noqa: E402  (benchmark/speed.py, standard library only)
 
 
 def random_actions(num_envs: int, act_dim: int, seed: int = 0, count: int = 64) -> np.ndarray:

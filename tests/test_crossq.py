@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import assert_one_line_error, load_script, read_scalars, run_algo, run_dirs
+from tests.conftest import (
+    assert_haiku_truncated_normal_init,
+    assert_one_line_error,
+    load_script,
+    read_scalars,
+    run_algo,
+    run_dirs,
+)
 
 # tests/mutate.py ids of mutants that cannot change what the program computes (reason with each).
 EQUIVALENT_MUTANTS = {
@@ -475,12 +482,7 @@ def test_renorm_of_a_constant_feature_gives_beta(cq):
 
 def test_trunc_normal_init_is_haikus_default(cq):
     """N(0, 1/fan_in) truncated at +-2 std (its std is 0.8796 of the untruncated one), bias exactly 0."""
-    torch.manual_seed(0)
-    layer = cq.trunc_normal_init_(torch.nn.Linear(400, 300))
-    std, w = 1 / 20, layer.weight.detach()
-    assert torch.equal(layer.bias.detach(), torch.zeros(300))
-    assert w.min() >= -2 * std and w.max() <= 2 * std and w.min() < -1.95 * std and w.max() > 1.95 * std
-    assert w.std().item() == pytest.approx(0.8796 * std, rel=0.02) and abs(w.mean().item()) < 0.01 * std
+    assert_haiku_truncated_normal_init(cq.trunc_normal_init_)
 
 
 @pytest.mark.parametrize("preset", ["paper", "qflex-protocol"])
