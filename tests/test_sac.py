@@ -716,11 +716,13 @@ def test_atomic_write_on_a_full_disk_exits_in_one_line_and_keeps_the_old_file(tm
 
 
 def test_env_workers_give_the_same_run_bit_for_bit(tmp_path):
-    """The shared-memory env pool (--env-workers) steps the same envs as the in-process vector env."""
+    """The shared-memory env pool (--env-workers) steps the same envs as the in-process vector env (without overlap,
+    which a pool turns on by default; tests/test_overlap.py compares the two with overlap)."""
     scalars = []
     for workers in ("0", "2"):
         (tmp_path / workers).mkdir()
-        proc = run_algo("sac", "--env-id", "ChainReach4-v0", "--num-envs", "3", "--env-workers", workers, "--no-cuda", *TINY,
+        proc = run_algo("sac", "--env-id", "ChainReach4-v0", "--num-envs", "3", "--env-workers", workers, "--overlap", "False",
+                        "--no-cuda", *TINY,
                         cwd=tmp_path / workers)  # fmt: skip
         assert ("2 worker processes" in proc.stdout) == (workers == "2")
         run = read_scalars(run_dirs(tmp_path / workers)[0])
