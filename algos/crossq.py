@@ -77,6 +77,11 @@ class Args:
     overlap: bool | None = None
     """train while the envs step; the update then samples the buffer as it stood before this vector step (default: on
     when the envs step in other processes, i.e. with --env-workers > 0 or --async-envs)"""
+    env_backend: Literal["cpu", "mjlab"] = "cpu"
+    """cpu: MuJoCo on CPU processes; mjlab: MyoSuite's GPU twin of the env id, num_envs worlds on MuJoCo Warp on the
+    run's device (needs requirements-mjlab.txt; README)"""
+    eval_backend: Literal["cpu", "mjlab"] = "cpu"
+    """where evaluation episodes run: cpu, the paper's protocol and the per-run score; mjlab, a one-world twin"""
     buffer_size: int = 1_000_000
     """the replay memory buffer size (transitions)"""
     gamma: float = 0.99
@@ -462,16 +467,16 @@ def alpha_step(log_pi, log_alpha, a_optimizer, target_entropy: float, form: str)
 SATURATION_THRESHOLD = 0.99  # |a_i| above this counts as an action piled up at the box edge
 
 
-def saturation_count(actions: np.ndarray) -> int:
-    """Number of action coordinates with |a_i| > SATURATION_THRESHOLD."""
-    return int(np.count_nonzero(np.abs(actions) > SATURATION_THRESHOLD))
+def saturation_count(actions: torch.Tensor) -> torch.Tensor:
+    """Number of action coordinates with |a_i| > SATURATION_THRESHOLD (a device scalar: no host sync per step)."""
+    return (actions.abs() > SATURATION_THRESHOLD).sum()
 
 
 def rollout_diagnostics(action_counts: torch.Tensor, device: torch.device) -> dict:
     """`charts/action_saturation`: the saturated fraction of the rollout action coordinates since the last log.
 
-    `action_counts` holds (saturated, all) on the host; it is reset here. Nothing is returned when no policy action was
-    taken since the last log (the entry in `logs` then keeps its last value).
+    `action_counts` holds (saturated, all) on the device, read (a log step) and reset here. Nothing is returned when no
+    policy action was taken since the last log (the entry in `logs` then keeps its last value).
     """
     saturated, acted = action_counts.tolist()
     action_counts.zero_()
@@ -491,6 +496,8 @@ COMMON_ARG_CONSTRAINTS = (
     (lambda a: a.batch_size <= a.buffer_size, "--batch-size {batch_size} is larger than --buffer-size {buffer_size}"),
     (lambda a: a.num_envs <= a.buffer_size, "--num-envs {num_envs} is larger than --buffer-size {buffer_size}"),
     (lambda a: a.env_workers is None or a.env_workers >= 0, "--env-workers must be >= 0, got {env_workers}"),
+    (lambda a: a.env_backend == "cpu" or not (a.env_workers or a.async_envs),
+     "--env-backend mjlab steps its worlds on the run's device; --env-workers and --async-envs are for CPU envs"),
     (lambda a: a.learning_starts < a.total_timesteps,
      "--learning-starts {learning_starts} is not below --total-timesteps {total_timesteps}: no update would run"),
     (lambda a: not a.cudagraphs or (a.cuda and torch.cuda.is_available()),
@@ -535,9 +542,10 @@ def validate_args(args: Args) -> None:
             raise ValueError(message.format(**vars(args)))
 
 
-def auto_env_workers(num_envs: int) -> int:
-    """The default --env-workers: one worker per core (at most num_envs) from 8 envs on; fewer envs step in-process."""
-    return min(os.cpu_count() or 1, num_envs) if num_envs >= 8 else 0
+def auto_env_workers(num_envs: int, env_backend: str = "cpu") -> int:
+    """The default --env-workers: one worker per core (at most num_envs) from 8 envs on; fewer envs step in-process,
+    and so does the GPU twin."""
+    return min(os.cpu_count() or 1, num_envs) if num_envs >= 8 and env_backend == "cpu" else 0
 
 
 # The torch.compile backend of --compile; the tests set "aot_eager" (no C++ code generation) to stay fast.
@@ -735,10 +743,11 @@ if __name__ == "__main__":
         replay_generator = torch.Generator(device=device).manual_seed(args.seed + 2)
         warmup_rng = np.random.default_rng(args.seed)
         eval_seed = args.seed + 10_000
-        env_workers = args.env_workers if args.env_workers is not None else auto_env_workers(args.num_envs)
+        env_workers = args.env_workers if args.env_workers is not None else auto_env_workers(args.num_envs, args.env_backend)
         args.overlap = bool(env_workers or args.async_envs) if args.overlap is None else args.overlap
         envs, eval_env = make_envs(args.env_id, args.num_envs, args.seed, args.async_envs, run_name, args.capture_video,
-                                   video_every=args.eval_episodes, eval_seed=eval_seed, env_workers=env_workers)  # fmt: skip
+                                   video_every=args.eval_episodes, eval_seed=eval_seed, env_workers=env_workers,
+                                   backend=args.env_backend, eval_backend=args.eval_backend, device=device)  # fmt: skip
         if checkpoint and "env_state" in checkpoint:  # the envs continue exactly where the checkpoint left them
             restore_vector_env_state(envs, checkpoint["env_state"])
     except ValueError as e:  # EnvError included
@@ -762,7 +771,7 @@ if __name__ == "__main__":
     critic_step_fn, actor_step_fn, alpha_step_fn = (maybe_compile(fn, args) for fn in (critic_step, actor_step, alpha_step))
     sample_fn = maybe_compile(actor.sample, args)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device, replay_generator)
-    action_counts = torch.zeros(2, dtype=torch.float64)  # saturated and all rollout action coordinates since the last log
+    action_counts = torch.zeros(2, dtype=torch.float64, device=device)  # saturated, all rollout coordinates since a log
     # Everything a checkpoint holds besides the counters; save and resume both read this one mapping. BatchRenorm
     # running statistics and call counters are module buffers, so they travel with the networks.
     stateful = dict(actor=actor, qf1=qf1, qf2=qf2, q_optimizer=q_optimizer, actor_optimizer=actor_optimizer,
@@ -802,6 +811,7 @@ if __name__ == "__main__":
     versions = {"torch": torch.__version__, "gymnasium": gym.__version__, "numpy": np.__version__}
     atomic_write_json(dict(vars(args), run_name=run_name, versions=versions), f"runs/{run_name}/config.json")
     where = f"{env_workers} worker processes" if env_workers else "this process"
+    where = f"the mjlab twin on {device}" if args.env_backend == "mjlab" else where
     where += ", overlapped with the updates" if args.overlap else ""
     print(f"{run_name}: preset {args.preset}, " + ", ".join(f"{k}={getattr(args, k)}" for k in PRESETS[args.preset])
           + f"; {args.num_envs} envs stepped in {where}")  # fmt: skip
@@ -838,7 +848,7 @@ if __name__ == "__main__":
         evaluate_and_log(args.eval_episodes)
     start_time = time.time()
     if checkpoint and "env_state" in checkpoint:  # the envs were restored with the rest; their observation too
-        obs = checkpoint["obs"]
+        obs = checkpoint["obs"].to(device) if torch.is_tensor(checkpoint["obs"]) else checkpoint["obs"]  # the twin's
     else:
         obs, _ = envs.reset(seed=args.seed + global_step)
 
@@ -878,8 +888,9 @@ if __name__ == "__main__":
             with torch.no_grad():
                 noise = torch.randn((args.num_envs, act_dim), device=device, generator=act_generator)
                 actions, _ = sample_fn(torch.as_tensor(obs, device=device), noise, args.tanh_correction)
-            actions = actions.cpu().numpy()
-            action_counts += torch.tensor([saturation_count(actions), actions.size], dtype=torch.float64)
+            actions = actions.clone()  # read after the update (--overlap), which may reuse a CUDA graph's output memory
+            action_counts[0] += saturation_count(actions)
+            action_counts[1] += actions.numel()
 
         # TRY NOT TO MODIFY: execute the game and log data.
         envs.step_async(actions)

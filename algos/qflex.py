@@ -78,6 +78,11 @@ class Args:
     overlap: bool | None = None
     """train while the envs step; the update then samples the buffer as it stood before this vector step (default: on
     when the envs step in other processes, i.e. with --env-workers > 0 or --async-envs)"""
+    env_backend: Literal["cpu", "mjlab"] = "cpu"
+    """cpu: MuJoCo on CPU processes; mjlab: MyoSuite's GPU twin of the env id, num_envs worlds on MuJoCo Warp on the
+    run's device (needs requirements-mjlab.txt; README)"""
+    eval_backend: Literal["cpu", "mjlab"] = "cpu"
+    """where evaluation episodes run: cpu, the paper's protocol and the per-run score; mjlab, a one-world twin"""
     buffer_size: int = 1_000_000
     """the replay memory buffer size (transitions)"""
     gamma: float = 0.99
@@ -460,7 +465,7 @@ def flow_step(batch: Batch, noise, t, actor, velocity, qf1_bar, qf2_bar, flow_op
 
 # ALGO LOGIC: diagnostics
 @torch.no_grad()
-def flow_diagnostics(batch: Batch, noise, flow_pair, actions: np.ndarray, actor, velocity, qf1_bar, qf2_bar, args) -> dict:
+def flow_diagnostics(batch: Batch, noise, flow_pair, actions, actor, velocity, qf1_bar, qf2_bar, args) -> dict:
     """Log-step diagnostics of the post-update networks and phi-bar, all in eval mode; they draw no random numbers.
 
     FSR takes one source sample per current state with the update's own noise and flows it by `euler_sample`;
@@ -483,7 +488,7 @@ def flow_diagnostics(batch: Batch, noise, flow_pair, actions: np.ndarray, actor,
         logs["flow/q_gain"] = (q_fn(batch.next_obs, target_actions) - q_fn(batch.next_obs, source_actions)).mean()
         logs["flow/displacement"] = displacement.norm(dim=-1).mean()
         logs["flow/displacement_max"] = displacement.abs().amax(dim=-1).mean()
-    logs["charts/action_abs_max"] = torch.tensor(np.abs(actions).max(axis=-1).mean(), device=batch.obs.device)
+    logs["charts/action_abs_max"] = torch.as_tensor(actions, device=batch.obs.device).abs().amax(dim=-1).mean()
     return logs
 
 
@@ -498,6 +503,8 @@ COMMON_ARG_CONSTRAINTS = (
     (lambda a: a.batch_size <= a.buffer_size, "--batch-size {batch_size} is larger than --buffer-size {buffer_size}"),
     (lambda a: a.num_envs <= a.buffer_size, "--num-envs {num_envs} is larger than --buffer-size {buffer_size}"),
     (lambda a: a.env_workers is None or a.env_workers >= 0, "--env-workers must be >= 0, got {env_workers}"),
+    (lambda a: a.env_backend == "cpu" or not (a.env_workers or a.async_envs),
+     "--env-backend mjlab steps its worlds on the run's device; --env-workers and --async-envs are for CPU envs"),
     (lambda a: a.learning_starts < a.total_timesteps,
      "--learning-starts {learning_starts} is not below --total-timesteps {total_timesteps}: no update would run"),
     (lambda a: not a.cudagraphs or (a.cuda and torch.cuda.is_available()),
@@ -542,9 +549,10 @@ def validate_args(args: Args) -> None:
             raise ValueError(message.format(**vars(args)))
 
 
-def auto_env_workers(num_envs: int) -> int:
-    """The default --env-workers: one worker per core (at most num_envs) from 8 envs on; fewer envs step in-process."""
-    return min(os.cpu_count() or 1, num_envs) if num_envs >= 8 else 0
+def auto_env_workers(num_envs: int, env_backend: str = "cpu") -> int:
+    """The default --env-workers: one worker per core (at most num_envs) from 8 envs on; fewer envs step in-process,
+    and so does the GPU twin."""
+    return min(os.cpu_count() or 1, num_envs) if num_envs >= 8 and env_backend == "cpu" else 0
 
 
 # The torch.compile backend of --compile; the tests set "aot_eager" (no C++ code generation) to stay fast.
@@ -742,10 +750,11 @@ if __name__ == "__main__":
         replay_generator = torch.Generator(device=device).manual_seed(args.seed + 2)
         warmup_rng = np.random.default_rng(args.seed)
         eval_seed = args.seed + 10_000
-        env_workers = args.env_workers if args.env_workers is not None else auto_env_workers(args.num_envs)
+        env_workers = args.env_workers if args.env_workers is not None else auto_env_workers(args.num_envs, args.env_backend)
         args.overlap = bool(env_workers or args.async_envs) if args.overlap is None else args.overlap
         envs, eval_env = make_envs(args.env_id, args.num_envs, args.seed, args.async_envs, run_name, args.capture_video,
-                                   video_every=args.eval_episodes, eval_seed=eval_seed, env_workers=env_workers)  # fmt: skip
+                                   video_every=args.eval_episodes, eval_seed=eval_seed, env_workers=env_workers,
+                                   backend=args.env_backend, eval_backend=args.eval_backend, device=device)  # fmt: skip
         if checkpoint and "env_state" in checkpoint:  # the envs continue exactly where the checkpoint left them
             restore_vector_env_state(envs, checkpoint["env_state"])
     except ValueError as e:  # EnvError included
@@ -816,6 +825,7 @@ if __name__ == "__main__":
     versions = {"torch": torch.__version__, "gymnasium": gym.__version__, "numpy": np.__version__}
     atomic_write_json(dict(vars(args), run_name=run_name, versions=versions), f"runs/{run_name}/config.json")
     where = f"{env_workers} worker processes" if env_workers else "this process"
+    where = f"the mjlab twin on {device}" if args.env_backend == "mjlab" else where
     where += ", overlapped with the updates" if args.overlap else ""
     print(f"{run_name}: preset {args.preset}, " + ", ".join(f"{k}={getattr(args, k)}" for k in PRESETS[args.preset])
           + f"; {args.num_envs} envs stepped in {where}")  # fmt: skip
@@ -852,7 +862,7 @@ if __name__ == "__main__":
         evaluate_and_log(args.eval_episodes)
     start_time = time.time()
     if checkpoint and "env_state" in checkpoint:  # the envs were restored with the rest; their observation too
-        obs = checkpoint["obs"]
+        obs = checkpoint["obs"].to(device) if torch.is_tensor(checkpoint["obs"]) else checkpoint["obs"]  # the twin's
     else:
         obs, _ = envs.reset(seed=args.seed + global_step)
 
@@ -896,7 +906,9 @@ if __name__ == "__main__":
                 actions = sample_fn(obs_tensor, noise)
                 if args.flow:
                     actions = euler_sample_fn(velocity, obs_tensor, actions, args.euler_steps)
-            actions = actions.cpu().numpy()  # stored unclipped; the env wrapper clips before rescaling
+            # stored unclipped; the env wrapper clips before rescaling. A copy: it is read after the update (--overlap),
+            # which may reuse a CUDA graph's output memory
+            actions = actions.clone()
 
         # TRY NOT TO MODIFY: execute the game and log data.
         envs.step_async(actions)

@@ -16,6 +16,7 @@ tasks, and any user env as ``some.module:EnvName-v0`` (the module is imported, w
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import os
 from dataclasses import dataclass, field
@@ -238,16 +239,28 @@ def make_env(env_id: str, seed: int, idx: int, capture_video: bool, run_name: st
     return thunk
 
 
+def host_actions(actions):
+    """Actions as the CPU envs take them: a torch tensor (the policy's, on any device) becomes a NumPy array."""
+    return actions.detach().cpu().numpy() if hasattr(actions, "detach") else actions
+
+
 class SyncVectorEnv(gym.vector.SyncVectorEnv):
     """gymnasium's SyncVectorEnv with the step_async / step_wait pair of the pool and AsyncVectorEnv, so one training
     loop serves all three; in this process the envs step inside step_wait (after an overlapped update)."""
 
     def step_async(self, actions) -> None:
-        self._pending_actions = actions
+        self._pending_actions = host_actions(actions)
 
     def step_wait(self):
         actions, self._pending_actions = self._pending_actions, None
         return self.step(actions)
+
+
+class AsyncVectorEnv(gym.vector.AsyncVectorEnv):
+    """gymnasium's AsyncVectorEnv, taking the policy's torch actions as the other vector envs do."""
+
+    def step_async(self, actions) -> None:
+        super().step_async(host_actions(actions))
 
 
 def make_vector_env(env_id: str, num_envs: int, seed: int, async_envs: bool = False, run_name: str = ""):
@@ -255,7 +268,7 @@ def make_vector_env(env_id: str, num_envs: int, seed: int, async_envs: bool = Fa
     thunks = [make_env(env_id, seed + i, i, False, run_name) for i in range(num_envs)]
     mode = gym.vector.AutoresetMode.SAME_STEP
     if async_envs:
-        vector_env = gym.vector.AsyncVectorEnv(thunks, autoreset_mode=mode, shared_memory=True)
+        vector_env = AsyncVectorEnv(thunks, autoreset_mode=mode, shared_memory=True)
     else:
         vector_env = SyncVectorEnv(thunks, autoreset_mode=mode)
     assert vector_env.metadata["autoreset_mode"] == mode
@@ -272,23 +285,41 @@ def make_envs(
     video_every: int = 1,
     eval_seed: int | None = None,
     env_workers: int = 0,
+    backend: str = "cpu",
+    eval_backend: str = "cpu",
+    device="cpu",
 ):
     """The training vector env (env i seeded seed + i) and one evaluation env (seeded `eval_seed`, videos if asked).
 
     ``env_workers=W > 0`` steps the training envs in an ``envs.pool.EnvPool`` of W processes (same outputs, bit for bit).
+    ``backend="mjlab"`` trains on MyoSuite's GPU twin (``envs.twin.TwinVectorEnv``, `num_envs` worlds on `device`);
+    ``eval_backend="mjlab"`` evaluates on a one-world twin instead of the CPU env.
 
     Any failure to build them (a user env whose constructor raises, a discrete or unbounded action space) comes out
     as one EnvIdError with a one-line message, so scripts report it without a traceback.
     """
+    if "mjlab" in (backend, eval_backend) and capture_video:
+        raise EnvIdError("--capture-video renders the CPU env; it needs --env-backend cpu and --eval-backend cpu")
     try:
-        if env_workers > 0:
+        if backend == "cpu" and env_workers > 0:
             from envs.pool import EnvPool  # lazy: envs.pool imports this module
 
             envs = EnvPool(env_id, num_envs, seed, env_workers, run_name)
-        else:
+        elif backend == "cpu":
             envs = make_vector_env(env_id, num_envs, seed, async_envs, run_name)
         eval_seed = seed if eval_seed is None else eval_seed
         eval_env = make_env(env_id, eval_seed, 0, capture_video, run_name, video_every=video_every)()
+        if "mjlab" in (backend, eval_backend):
+            from envs.twin import TwinEvalEnv, TwinVectorEnv  # lazy: needs the optional mjlab extra
+
+            wrapper = _policy_action_wrapper(eval_env)  # the twin maps actions as the CPU env's wrapper does
+            twin = functools.partial(TwinVectorEnv, env_id, device=device, action_centre=wrapper.action_centre,
+                                     action_half_width=wrapper.action_half_width)  # fmt: skip
+            if backend == "mjlab":
+                envs = twin(num_envs=num_envs)
+            if eval_backend == "mjlab":
+                eval_env.close()
+                eval_env = TwinEvalEnv(twin(num_envs=1))
     except EnvIdError:
         raise
     except Exception as e:  # noqa: BLE001  (anything a user's constructor raises)
@@ -297,13 +328,19 @@ def make_envs(
     return envs, eval_env
 
 
-def action_half_width(env: gym.Env) -> np.ndarray:
-    """h, the half-width of the underlying env's action Box, as seen through the PolicyActionWrapper of `env`."""
+def _policy_action_wrapper(env: gym.Env) -> PolicyActionWrapper:
     while not isinstance(env, PolicyActionWrapper):
+        if hasattr(env, "action_half_width"):  # envs.twin.TwinEvalEnv
+            return env
         if not hasattr(env, "env"):
             raise ValueError("env was not made by envs.make_env (no PolicyActionWrapper)")
         env = env.env
-    return env.action_half_width
+    return env
+
+
+def action_half_width(env: gym.Env) -> np.ndarray:
+    """h, the half-width of the underlying env's action Box, as seen through the PolicyActionWrapper of `env`."""
+    return _policy_action_wrapper(env).action_half_width
 
 
 # Env steps with a NaN or infinite observation or reward that a run tolerates (they never enter the replay buffer)
@@ -324,7 +361,10 @@ class NonFiniteGuard:
 
     def finite_rows(self, obs: np.ndarray, rewards: np.ndarray, real_next_obs: np.ndarray, global_step: int) -> np.ndarray:
         """Boolean mask of the rows that are finite everywhere; the others are counted (and never stored)."""
-        finite = np.isfinite(obs).all(1) & np.isfinite(rewards) & np.isfinite(real_next_obs).all(1)
+        if hasattr(obs, "isfinite"):  # the GPU twin's device tensors: one host read of the mask
+            finite = (obs.isfinite().all(1) & rewards.isfinite() & real_next_obs.isfinite().all(1)).cpu().numpy()
+        else:
+            finite = np.isfinite(obs).all(1) & np.isfinite(rewards) & np.isfinite(real_next_obs).all(1)
         if not finite.all():
             self.count += int((~finite).sum())
             if self.count > self.limit:
@@ -365,12 +405,17 @@ def split_vector_step(next_obs: np.ndarray, terminations: np.ndarray, truncation
     Same-step autoreset: rows that finished carry the new episode's first observation in `next_obs`; their true
     last observation and last-step info sit in ``infos["final_obs"]`` / ``infos["final_info"]``.
     """
-    real_next_obs = next_obs.copy()
+    on_device = hasattr(next_obs, "clone")  # the GPU twin (envs.twin): tensors stay where they are
+    real_next_obs = next_obs.clone() if on_device else next_obs.copy()
     finished = []
     if "final_obs" in infos:
         final_info = infos["final_info"]
-        for i in np.flatnonzero(infos["_final_obs"]):
-            real_next_obs[i] = infos["final_obs"][i]
+        rows = np.flatnonzero(infos["_final_obs"])
+        if on_device:
+            real_next_obs[rows] = infos["final_obs"][rows]
+        else:  # gymnasium's final_obs is an object array, None where the episode goes on
+            for i in rows:
+                real_next_obs[i] = infos["final_obs"][i]
         for i in np.flatnonzero(final_info.get("_episode", [])):
             success = None
             if "_solved" in final_info and final_info["_solved"][i]:
@@ -378,6 +423,8 @@ def split_vector_step(next_obs: np.ndarray, terminations: np.ndarray, truncation
             finished.append(
                 FinishedEpisode(int(i), float(final_info["episode"]["r"][i]), int(final_info["episode"]["l"][i]), success)
             )
+    if on_device:
+        return VectorStep(real_next_obs, terminations, truncations, finished)
     return VectorStep(real_next_obs, np.asarray(terminations, dtype=bool), np.asarray(truncations, dtype=bool), finished)
 
 

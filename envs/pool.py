@@ -497,7 +497,7 @@ class EnvPool(gym.vector.VectorEnv):
     def step_async(self, actions) -> None:
         """Write `actions` ([num_envs, *action_shape]) to shared memory and start every worker's step."""
         self._check_open()
-        actions = np.asarray(actions)
+        actions = np.asarray(actions.detach().cpu() if hasattr(actions, "detach") else actions)  # the policy's tensor
         shape = (self.num_envs, *self.single_action_space.shape)
         if actions.shape != shape:
             raise ValueError(f"EnvPool.step: actions must have shape {shape}, got {actions.shape}")

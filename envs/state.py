@@ -432,7 +432,7 @@ def _kind(vector_env) -> str:
 
     if isinstance(vector_env, gym.vector.SyncVectorEnv):  # envs.SyncVectorEnv included
         return "SyncVectorEnv"
-    if type(vector_env) is gym.vector.AsyncVectorEnv:
+    if isinstance(vector_env, gym.vector.AsyncVectorEnv):  # envs.AsyncVectorEnv included
         if _mode(vector_env) == gym.vector.AutoresetMode.NEXT_STEP.value:
             raise EnvStateError(
                 "env state: AsyncVectorEnv in next-step autoreset mode is not supported (its workers keep a private "
@@ -475,6 +475,9 @@ def _check_idle(vector_env, kind: str) -> None:
 
 def vector_env_state(vector_env) -> dict:
     """Everything that decides the future transitions of `vector_env`: a dict of str/int/bytes (torch.save-able)."""
+    if type(vector_env).__name__ == "TwinVectorEnv":  # the GPU twin keeps its state in tensors (envs.twin)
+        twin = vector_env.state_dict()
+        return {"format": FORMAT, "kind": "TwinVectorEnv", "num_envs": int(vector_env.num_envs), "twin": twin}
     kind = _kind(vector_env)
     _check_idle(vector_env, kind)
     if kind == "SyncVectorEnv":
@@ -500,8 +503,17 @@ def restore_vector_env_state(vector_env, state: dict) -> None:
     """Restore `state` (from ``vector_env_state``) into `vector_env`, built with the same env id and num_envs.
 
     Use it instead of ``envs.reset(seed=...)`` on resume; the current observation is the caller's (saved alongside).
-    A state saved from one kind (SyncVectorEnv, AsyncVectorEnv, EnvPool) restores into any other.
+    A state saved from one kind (SyncVectorEnv, AsyncVectorEnv, EnvPool) restores into any other; the GPU twin's
+    (TwinVectorEnv: the worlds' physics state and episode counters) only into a twin.
     """
+    twin_state = state.get("kind") == "TwinVectorEnv" if isinstance(state, dict) else False
+    if twin_state or type(vector_env).__name__ == "TwinVectorEnv":
+        if not (twin_state and type(vector_env).__name__ == "TwinVectorEnv"):
+            raise EnvStateError("env state: a run of --env-backend mjlab resumes only with --env-backend mjlab, and back")
+        if state["num_envs"] != vector_env.num_envs:
+            raise EnvStateError(f"env state: saved for {state['num_envs']} envs, this vector env has {vector_env.num_envs}")
+        vector_env.load_state_dict(state["twin"])
+        return
     kind = _kind(vector_env)
     _check_idle(vector_env, kind)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
