@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
-# The GPU check, in at most GPU_CHECK_BUDGET seconds (default 480, i.e. 8 minutes), every step under `timeout`:
+# The GPU check, in at most GPU_CHECK_BUDGET seconds (default 540: 8 minutes for steps 1-3, 150 s for the twin; the
+# device tool's limit per call is 600 s), every step under `timeout`:
 #   1. nvidia-smi and torch.cuda's view of the device;
 #   2. the CUDA-only and compile tests: pytest -q -m "not slow" -k "cuda or compile" tests/ (none selected is no error);
 #   3. benchmark/speed.py for the five algorithms, eager / --compile / --cudagraphs, at myoLegWalk-v0 sizes
-#      (E = 80 envs, --env-workers = min(cores, 16)), its table written to RESULTS/speed.md after every row.
+#      (E = 80 envs, --env-workers = min(cores, 16)), its table written to RESULTS/speed.md after every row;
+#   4. MyoSuite's GPU twin (--env-backend mjlab): env-only steps/s at E = 80, 1024, 4096 worlds and SAC / Qflex SPS on
+#      it at the largest E, in the last GPU_CHECK_TWIN_S seconds (default 150), table in RESULTS/twin.md. It needs the twin's
+#      environment (.venv-mjlab, requirements-mjlab.txt); where it is missing the check tries to make it (pip, 120 s
+#      at most: it needs the package index) and otherwise records the step as skipped.
 # A failing or hanging step is recorded and the next one runs; a summary (also RESULTS/summary.txt) ends the output.
 #
 #   bash benchmark/gpu_check.sh                  # on the GPU machine, from anywhere
 #   GPU_CHECK_DRY=1 bash benchmark/gpu_check.sh  # print the commands it would run, run nothing
 #
-# Settings (environment): PYTHON (python3), GPU_CHECK_BUDGET (480 s), GPU_CHECK_RESULTS (results directory; default
+# Settings (environment): PYTHON (python3), GPU_CHECK_BUDGET (540 s), GPU_CHECK_RESULTS (results directory; default
 # $OUT/gpu_check where $OUT is set, else /tmp/gpu_check.<date>), GPU_CHECK_ALGOS (sac qflex dacer
-# crossq sdac: the order is the priority when the budget runs out), GPU_CHECK_NUM_ENVS (80), GPU_CHECK_PYTEST_S (120).
+# crossq sdac: the order is the priority when the budget runs out), GPU_CHECK_NUM_ENVS (80), GPU_CHECK_PYTEST_S (120),
+# GPU_CHECK_TWIN_S (150; 0 skips the twin).
 # Python packages missing there (gymnasium, mujoco, myosuite, tyro, ...) are installed from ./.whl if it exists.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 
 PYTHON=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET:-480}
+BUDGET=${GPU_CHECK_BUDGET:-540}
 DRY=${GPU_CHECK_DRY:-0}
 if [[ -n ${GPU_CHECK_RESULTS:-} ]]; then
     RESULTS=$GPU_CHECK_RESULTS
@@ -32,7 +38,9 @@ PYTEST_S=${GPU_CHECK_PYTEST_S:-120}
 CORES=$(nproc 2>/dev/null || echo 1)
 WORKERS=$((CORES < 16 ? CORES : 16))
 ((WORKERS > NUM_ENVS)) && WORKERS=$NUM_ENVS
-SPEED_RESERVE=240 # seconds kept for the speed table while the earlier steps run
+TWIN_S=${GPU_CHECK_TWIN_S:-150}
+TWIN_PYTHON=$PWD/.venv-mjlab/bin/python
+SPEED_RESERVE=$((240 + TWIN_S)) # seconds kept for the speed table (and the twin) while the earlier steps run
 START=$SECONDS
 SUMMARY=()
 DRY_SPENT=0 # a dry run counts every step as taking its whole timeout, so it prints the worst case
@@ -113,7 +121,7 @@ step pytest "$PYTEST_S" "$SPEED_RESERVE" $PYTHON -m pytest -q -n 4 -m "not slow"
 # 3. The speed table. speed.py starts no measurement past its --deadline and stops a running one there (kill and
 # reading its log take < 25 s), so it ends before its timeout and prints the whole table; sac and qflex come first.
 LOGS=/tmp/gpu_check_logs.$$
-SPEED_S=$(($(left) - 5))
+SPEED_S=$(($(left) - 5 - TWIN_S))
 step speed "$SPEED_S" 5 $PYTHON benchmark/speed.py --algos "${ALGOS[@]}" --variants eager compile cudagraphs \
     --sps-variants eager no-overlap --num-envs "$NUM_ENVS" --env-workers "$WORKERS" --env-seconds 2 --sps-updates 150 --updates 400 \
     --updates-per-step 8 --points 8 --timeout 90 --deadline $((SPEED_S - 45)) --out "$RESULTS/speed.md" --logs-dir "$LOGS"
@@ -121,14 +129,32 @@ if [[ $DRY != 1 ]]; then
     tar -czf "$RESULTS/speed_logs.tar.gz" -C "$LOGS" . 2>/dev/null && rm -rf "$LOGS"
 fi
 
+# 4. The GPU twin, in its own environment.
+if ((TWIN_S > 0)); then
+    if [[ ! -x $TWIN_PYTHON ]] && [[ $DRY != 1 ]]; then
+        step twin-install 120 30 bash -c "$PYTHON -m venv --system-site-packages .venv-mjlab && \
+            .venv-mjlab/bin/pip install -q -r requirements-mjlab.txt || { rm -rf .venv-mjlab; exit 1; }"
+    fi
+    if [[ $DRY == 1 ]] || "$TWIN_PYTHON" -c "import mjlab, mujoco_warp" 2>/dev/null; then
+        TWIN_LIMIT=$(($(left) - 5))
+        step twin "$TWIN_LIMIT" 5 $PYTHON benchmark/speed.py --algos sac qflex --sections twin twin-sps --twin-envs 80 1024 4096 \
+            --twin-python "$TWIN_PYTHON" --env-seconds 3 --sps-updates 40 --points 6 --timeout 60 \
+            --deadline $((TWIN_LIMIT - 20)) --out "$RESULTS/twin.md"
+    else
+        SUMMARY+=("twin: skipped, no twin environment here (.venv-mjlab: requirements-mjlab.txt needs the package index)")
+    fi
+fi
+
 # Summary.
 {
     echo
     echo "== gpu_check summary ($((SECONDS - START)) s of ${BUDGET} s; results in $RESULTS)"
     for line in "${SUMMARY[@]}"; do echo "  $line"; done
-    if [[ -f $RESULTS/speed.md ]]; then
-        echo
-        cat "$RESULTS/speed.md"
-    fi
+    for table in speed twin; do
+        if [[ -f $RESULTS/$table.md ]]; then
+            echo
+            cat "$RESULTS/$table.md"
+        fi
+    done
 } | if [[ $DRY == 1 ]]; then cat; else tee "$RESULTS/summary.txt"; fi
 exit 0

@@ -18,6 +18,12 @@ Three kinds of rows, every measurement in its own subprocess with a timeout (a f
       work is finished). Each variant is a separate process: eager (no flag), --compile, --cudagraphs; compile time
       is excluded by the burn-in and shown as `first log at s`. ratio = eager ms / variant ms (speed-up).
 
+  (d) twin ("twin" in --sections, at E in --twin-envs): MyoSuite's GPU twin (envs/twin.py, --env-backend mjlab) on
+      the device, run with the Python of its own environment (--twin-python, default .venv-mjlab/bin/python):
+      env-only steps/s of E worlds with random actions (after 3 warm-up steps, which compile the kernels), and with
+      "twin-sps" in --sections each algorithm's SPS at the largest E (--env-backend mjlab; learning starts after 20 E
+      transitions, or --learning-starts). ratio: over the CPU pool's steps/s of (a) when (a) ran.
+
 A variant whose flag the script does not have, or refuses (--cudagraphs without CUDA), gives "n/a: <reason>".
 A run that hits its timeout is stopped and still reported from the points it logged (its TensorBoard writer flushes
 every 2 s: the script runs under a small wrapper that sets flush_secs), marked "timed out". --deadline bounds the
@@ -26,6 +32,7 @@ whole command: measurements that would start after it give "n/a: skipped".
     python benchmark/speed.py                                        # all five, eager/compile/cudagraphs, E = 16
     python benchmark/speed.py --algos sac --variants eager compile --out docs/speed-cpu.md
     python benchmark/speed.py --num-envs 80 --env-workers 16 --deadline 270 -- --no-cuda
+    python benchmark/speed.py --sections env twin --twin-envs 4 16     # the twin on CPU Warp beside the CPU pool
 
 Flags after `--` go to every algorithm script. OMP_NUM_THREADS is passed on as set by the caller (--threads sets it).
 """
@@ -71,6 +78,37 @@ def child_env(kind: str, env_id: str, num_envs: int, workers: int, seconds: floa
     else:
         rate, startup = env_speed.gym_rate(env_id, ns, "sync")
     print(json.dumps(dict(rate=rate, startup=startup)))
+
+
+def child_twin(env_id: str, num_envs: int, seconds: float) -> None:
+    """Env-only throughput of the twin: E worlds on CUDA when there is one, else CPU Warp, random policy actions."""
+    import torch
+
+    import envs
+    from envs.twin import TwinVectorEnv
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    cpu_env = envs.make_env(env_id, 0, 0, False, "")()
+    wrapper = envs._policy_action_wrapper(cpu_env)
+    twin = TwinVectorEnv(env_id, num_envs, device, wrapper.action_centre, wrapper.action_half_width)
+    twin.reset(seed=0)
+    generator = torch.Generator(device=device).manual_seed(0)
+    act_dim = twin.single_action_space.shape[0]
+
+    def step():
+        twin.step(torch.rand((num_envs, act_dim), device=device, generator=generator) * 2 - 1)
+
+    for _ in range(3):  # kernels compile on the first steps
+        step()
+    startup, steps, begin = time.perf_counter() - start, 0, time.perf_counter()
+    while time.perf_counter() - begin < seconds or steps < 2:
+        step()
+        steps += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    rate = num_envs * steps / (time.perf_counter() - begin)
+    print(json.dumps(dict(rate=rate, startup=startup, device=device)))
 
 
 def child_run(script: str, flags: list[str]) -> None:
@@ -214,14 +252,14 @@ def failure(algo: str, variant: str, rc: int | None, output: str, seconds: float
     return f"failed (exit {rc}): {line}"
 
 
-def algo_run(runner: Runner, algo: str, variant: str, kind: str, flags: list[str], extra: list[str]):
+def algo_run(runner: Runner, algo: str, variant: str, kind: str, flags: list[str], extra: list[str], python=sys.executable):
     """Run one algorithm measurement; returns (steady points or None, note or error text, start-up seconds)."""
     timeout = runner.budget()
     if timeout is None:
         return None, f"n/a: skipped, the --deadline of {runner.args.deadline:g} s was reached", None
     cwd = runner.scratch(f"{kind}_{algo}_{variant}")
     script = str(REPO / "algos" / f"{algo}.py")
-    command = [sys.executable, str(Path(__file__).resolve()), "--child-run", script, *flags, *VARIANT_FLAGS[variant], *extra]
+    command = [python, str(Path(__file__).resolve()), "--child-run", script, *flags, *VARIANT_FLAGS[variant], *extra]
     launched = time.time()
     rc, output, seconds = runner.run(command, "out", cwd, timeout)
     try:
@@ -289,18 +327,22 @@ def env_rows(rows: "Table", runner: Runner, args, E: int, W: int) -> float:
     return rates.get("pool", math.nan)
 
 
-def sps_rows(rows: "Table", runner: Runner, args, algo: str, shape: dict, pool_rate: float, extra: list[str]) -> None:
-    """(b): the default command shape at E envs, per variant of --sps-variants."""
+def sps_rows(rows: "Table", runner: Runner, args, algo: str, shape: dict, pool_rate: float, extra: list[str],
+             twin: bool = False) -> None:  # fmt: skip
+    """(b): the default command shape at E envs, per variant of --sps-variants; (d) with the twin (`twin`)."""
     eager_sps, E = math.nan, shape["E"]
+    what = "SPS, twin (--env-backend mjlab)" if twin else "SPS, default command"
     flags = ["--env-id", args.env_id, "--num-envs", str(E), "--learning-starts", str(shape["L"]),
              "--total-timesteps", str(shape["T"]), "--eval-freq", "0", "--final-eval-episodes", "0",
              "--log-every", str(shape["log_every"])]  # fmt: skip
-    if args.env_workers is not None:
+    if twin:
+        flags += ["--env-backend", "mjlab"]
+    elif args.env_workers is not None:
         flags += ["--env-workers", str(args.env_workers)]
     for variant in args.sps_variants:
-        kept, note, first = algo_run(runner, algo, variant, "sps", flags, extra)
+        kept, note, first = algo_run(runner, algo, variant, "sps", flags, extra, args.twin_python if twin else sys.executable)
         if kept is None:
-            rows.append(("SPS, default command", algo, variant, E, note, "", ""))
+            rows.append((what, algo, variant, E, note, "", ""))
             continue
         (w0, s0, u0, _), (w1, s1, u1, script_sps) = kept[0], kept[-1]
         train_sps = (s1 - s0) / (w1 - w0) if w1 > w0 else math.nan
@@ -310,8 +352,7 @@ def sps_rows(rows: "Table", runner: Runner, args, algo: str, shape: dict, pool_r
         ms = 1000 * (w1 - w0) / (u1 - u0) if u1 > u0 else math.nan
         notes = [f"script SPS {fmt(script_sps)}", f"{fmt(ms, 1)} ms wall per update", f"{int(u1 - u0)} updates timed",
                  f"first log at {first:.0f} s"] + ([note] if note else [])  # fmt: skip
-        rows.append(("SPS, default command", algo, variant, E, f"{fmt(train_sps)} train SPS", ", ".join(ratios),
-                     "; ".join(notes)))  # fmt: skip
+        rows.append((what, algo, variant, E, f"{fmt(train_sps)} train SPS", ", ".join(ratios), "; ".join(notes)))
 
 
 def update_rows(rows: "Table", runner: Runner, args, algo: str, shape: dict, extra: list[str]) -> None:
@@ -333,7 +374,41 @@ def update_rows(rows: "Table", runner: Runner, args, algo: str, shape: dict, ext
         rows.append(("ms/update", algo, variant, 1, f"{fmt(ms, 2)} ms", ratio, "; ".join(notes)))
 
 
+def twin_rows(rows: "Table", runner: Runner, args, pool_rate: float, extra: list[str]) -> None:
+    """(d): the twin's env-only steps/s, then (with "sps" in --sections) every algorithm's SPS on it, per E."""
+    for E in args.twin_envs:
+        label, timeout = "env-only, twin (mjlab)", runner.budget()
+        if timeout is None:
+            rows.append((label, "-", "-", E, f"n/a: skipped, the --deadline of {args.deadline:g} s was reached", "", ""))
+            continue
+        if not os.path.exists(args.twin_python):
+            rows.append((label, "-", "-", E, f"n/a: no twin environment at {args.twin_python}", "", ""))
+            continue
+        command = [args.twin_python, str(Path(__file__).resolve()), "--child-twin", args.env_id, str(E), str(args.env_seconds)]
+        rc, output, seconds = runner.run(command, "out", runner.scratch(f"twin_{E}"), timeout)
+        try:
+            result = json.loads(output.strip().splitlines()[-1]) if rc == 0 else None
+        except (ValueError, IndexError):
+            result = None
+        if result is None:
+            why = f"timed out after {seconds:.0f} s" if rc is None else f"exit {rc}: {last_line(output)}"
+            rows.append((label, "-", "-", E, f"failed: {why}", "", ""))
+            continue
+        ratio = f"{result['rate'] / pool_rate:.2f}x the CPU pool" if math.isfinite(pool_rate) else ""
+        notes = f"on {result['device']}; build and 3 warm-up steps {result['startup']:.1f} s; random actions"
+        rows.append((label, "-", "-", E, f"{fmt(result['rate'])} steps/s", ratio, notes))
+        if "twin-sps" in args.sections and E == max(args.twin_envs):
+            L = args.learning_starts if args.learning_starts is not None else 20 * E
+            T = L + E * args.sps_updates
+            shape = dict(E=E, L=L, T=T, log_every=max(1, ((T - L) // E) // args.points))
+            for algo in args.algos:
+                sps_rows(rows, runner, args, algo, shape, result["rate"], extra, twin=True)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-twin":
+        env_id, num_envs, seconds = sys.argv[2:5]
+        return child_twin(env_id, int(num_envs), float(seconds))
     if len(sys.argv) > 1 and sys.argv[1] == "--child-env":
         kind, env_id, num_envs, workers, seconds = sys.argv[2:7]
         return child_env(kind, env_id, int(num_envs), int(workers), float(seconds))
@@ -353,7 +428,8 @@ def main() -> None:
                         help="variants of the ms/update rows (c)")  # fmt: skip
     parser.add_argument("--sps-variants", nargs="*", default=["eager"], choices=list(VARIANT_FLAGS),
                         help="variants of the SPS rows (b); the default command is eager")  # fmt: skip
-    parser.add_argument("--sections", nargs="+", default=["env", "sps", "update"], choices=["env", "sps", "update"])
+    parser.add_argument("--sections", nargs="+", default=["env", "sps", "update"],
+                        choices=["env", "sps", "update", "twin", "twin-sps"])  # fmt: skip
     parser.add_argument("--learning-starts", type=int, default=None, help="(b) warm-up transitions (default 20 E, >= 256)")
     parser.add_argument("--sps-updates", type=int, default=120, help="(b) vector steps with updates, if T is not given")
     parser.add_argument("--total-timesteps", type=int, default=None, help="(b) T (default L + E * --sps-updates)")
@@ -366,6 +442,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the children (default: inherited)")
     parser.add_argument("--logs-dir", default=None, help="keep every measurement's output and runs/ here")
     parser.add_argument("--out", default=None, help="also write the table to this file")
+    parser.add_argument("--twin-envs", nargs="+", type=int, default=[80, 1024, 4096], help="(d) world counts E of the twin")
+    parser.add_argument("--twin-python", default=str(REPO / ".venv-mjlab" / "bin" / "python"),
+                        help="(d) the Python of the twin's environment (requirements-mjlab.txt)")  # fmt: skip
     args = parser.parse_args(argv)
 
     E = args.num_envs
@@ -410,6 +489,8 @@ def main() -> None:
                 sps_rows(rows, runner, args, algo, sps_shape, pool_rate, extra)
             if "update" in args.sections:
                 update_rows(rows, runner, args, algo, update_shape, extra)
+        if "twin" in args.sections or "twin-sps" in args.sections:
+            twin_rows(rows, runner, args, pool_rate, extra)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     rows.preamble[0] = rows.preamble[0].replace("at the start", f"at the start, {load} at the end")
     rows.write()
