@@ -82,6 +82,7 @@ class TwinVectorEnv(gym.vector.VectorEnv):
         self.episode_returns = torch.zeros(num_envs, dtype=torch.float64, device=self.device)
         self.episode_lengths = torch.zeros(num_envs, dtype=torch.int64, device=self.device)
         self._pending_actions = None
+        self.final_activations = None  # every world's muscle activations before the last autoreset (TwinEvalEnv)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Reset every world; mjlab seeds its random streams (and the global ones) with `seed`."""
@@ -126,6 +127,8 @@ class TwinVectorEnv(gym.vector.VectorEnv):
             if success is not None:
                 final_info.update(solved=per_env(stats[2], bool), _solved=mask)
             infos = {"final_obs": next_obs.clone(), "_final_obs": mask, "final_info": final_info}
+            act = getattr(self.twin.sim.data, "act", None)
+            self.final_activations = None if act is None else act.clone()  # the reset below zeroes them
             reset_obs, _ = self.twin.reset(env_ids=done_ids)
             next_obs[done_ids] = reset_obs["actor"][done_ids]
             self.episode_returns[done_ids] = 0.0
@@ -177,7 +180,7 @@ class TwinEvalEnv(gym.Env):
 
     def step(self, action):
         next_obs, rewards, terminations, truncations, infos = self.vector_env.step(torch.as_tensor(action)[None])
-        info = {}
+        info, self._ended = {}, bool(infos)
         if infos:  # the episode ended: its last observation, not the next episode's first
             next_obs = infos["final_obs"]
             if "solved" in infos["final_info"]:
@@ -185,7 +188,9 @@ class TwinEvalEnv(gym.Env):
         return next_obs[0].cpu().numpy(), float(rewards[0]), bool(terminations[0]), bool(truncations[0]), info
 
     def muscle_activations(self) -> np.ndarray | None:
-        act = getattr(self.vector_env.twin.sim.data, "act", None)
+        """The activations after the last step (on the step that ended the episode: before the world's reset)."""
+        ended = getattr(self, "_ended", False) and self.vector_env.final_activations is not None
+        act = self.vector_env.final_activations if ended else getattr(self.vector_env.twin.sim.data, "act", None)
         return None if act is None or act.numel() == 0 else act[0].cpu().numpy()
 
     def close(self) -> None:
