@@ -348,7 +348,7 @@ def sps_rows(rows: "Table", runner: Runner, args, algo: str, shape: dict, pool_r
         train_sps = (s1 - s0) / (w1 - w0) if w1 > w0 else math.nan
         eager_sps = train_sps if variant == "eager" else eager_sps
         ratios = [f"{train_sps / eager_sps:.2f}x eager"] if variant != "eager" and math.isfinite(eager_sps) else []
-        ratios += [f"{train_sps / pool_rate:.2f} of pool"] if math.isfinite(pool_rate) else []
+        ratios += [f"{train_sps / pool_rate:.2f} of {'env-only' if twin else 'pool'}"] if math.isfinite(pool_rate) else []
         ms = 1000 * (w1 - w0) / (u1 - u0) if u1 > u0 else math.nan
         notes = [f"script SPS {fmt(script_sps)}", f"{fmt(ms, 1)} ms wall per update", f"{int(u1 - u0)} updates timed",
                  f"first log at {first:.0f} s"] + ([note] if note else [])  # fmt: skip

@@ -1,10 +1,16 @@
 """Tests of algos/crossq.py: BatchRenorm against its formulas, the pure maths, each update step on a tiny problem,
 script smoke/resume/error runs, learning."""
 
+import ast
 import copy
 import json
 import math
+import random
+import sys
+from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -777,3 +783,148 @@ def test_learns_chain_reach4(tmp_path):
     run_algo("crossq", *LEARNING_FLAGS, cwd=tmp_path)
     final = json.loads((run_dirs(tmp_path)[0] / "final_eval.json").read_text())
     assert final["num_updates"] == 3001 and final["eval/episodic_return"] > LEARNING_THRESHOLD, final
+
+
+# ---------------------------------------------------------------- the training loop, in process
+# A tiny run of the script's __main__ block in this process (the pattern of tests/test_sdac.py), with the step functions
+# wrapped to record each call: its arguments, its result, and a probe of the run's state just before and just after it.
+# tests/mutate.py never mutates __main__, so this is what checks the loop's wiring: the policy delay's phase, the order
+# of the steps, and which critic weights the actor step sees.
+
+
+class LoopCall(NamedTuple):
+    name: str
+    args: tuple
+    result: object
+    before: dict
+    after: dict
+
+
+def run_main_in_process(script, flags: list[str], tmp_path: Path, monkeypatch, names: tuple[str, ...], probe):
+    """Execute the `if __name__ == "__main__":` body of `script` (a module from load_script, so under
+    QFLEX_BENCH_MUTANT it is the mutant's __main__ that runs) with `flags`, its functions `names` wrapped to record
+    each call; `probe(namespace)` is read before and after every recorded call. Returns the namespace (networks,
+    optimisers, counters, ...) and the calls in order."""
+    path = Path(script.__file__)
+    tree = ast.parse(path.read_text())
+    (main,) = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+    code = compile(ast.Module(body=main.body, type_ignores=[]), str(path), "exec")
+    namespace, calls = dict(vars(script)), []
+
+    def recorded(name):
+        function = getattr(script, name)
+
+        def wrapper(*args):
+            before = probe(namespace)
+            result = function(*args)
+            calls.append(LoopCall(name, args, result, before, probe(namespace)))
+            return result
+
+        return wrapper
+
+    namespace.update({name: recorded(name) for name in names})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [path.name, *flags])
+    rng_states = random.getstate(), np.random.get_state(), torch.get_rng_state()  # the script seeds the global ones
+    try:
+        exec(code, namespace)
+    finally:
+        random.setstate(rng_states[0]), np.random.set_state(rng_states[1]), torch.set_rng_state(rng_states[2])
+    return namespace, calls
+
+
+def optimizer_steps(optimizer) -> int:
+    """Steps an Adam optimiser has taken (its per-parameter step count; 0 before the first)."""
+    state = optimizer.state.get(optimizer.param_groups[0]["params"][0], {})
+    return int(state["step"]) if "step" in state else 0
+
+
+def critic_state(namespace: dict) -> dict:
+    """What the loop test reads around each step call: the update counter, both critics' weights and BatchRenorm
+    buffers (running statistics and call counters), each flattened into one tensor, and q_optimizer's step count."""
+    critics = (namespace["qf1"], namespace["qf2"])
+    return dict(
+        update=namespace["num_updates"],
+        weights=torch.cat([p.detach().flatten().clone() for qf in critics for p in qf.parameters()]),
+        statistics=torch.cat([b.flatten().double() for qf in critics for b in qf.buffers()]),
+        q_steps=optimizer_steps(namespace["q_optimizer"]),
+    )
+
+
+# 10 updates (global steps 12, 14, ..., 30) with --policy-delay 3: actor turns after critic updates 3, 6 and 9
+LOOP_FLAGS = ["--env-id", "ChainReach4-v0", "--num-envs", "2", "--total-timesteps", "30", "--learning-starts", "12",
+              "--batch-size", "4", "--buffer-size", "100", "--hidden-dim", "8", "--critic-hidden-dim", "8",
+              "--num-layers", "1", "--policy-delay", "3", "--eval-freq", "0", "--final-eval-episodes", "0",
+              "--log-every", "4", "--no-cuda"]  # fmt: skip
+LOOP_UPDATES, LOOP_DELAY, LOOP_BATCH, LOOP_SEED = 10, 3, 4, 1
+
+
+@pytest.mark.parametrize(
+    "weights, autotune", [("pre-update", True), ("post-update", True), ("post-update", False)],
+    ids=["pre-update", "post-update", "post-update-no-autotune"],
+)  # fmt: skip
+def test_loop_policy_delay_phase_step_order_and_the_critic_weights_the_actor_sees(cq, tmp_path, monkeypatch, weights,
+                                                                                  autotune):  # fmt: skip
+    """The loop of docs/algorithms/crossq.md, "The update loop": critic_step on every update; actor_step (then
+    alpha_step on its log pi, with --autotune) only after critic updates d, 2d, 3d (d = --policy-delay 3), as sbx's
+    `(n_updates + 1) % policy_delay == 0`; every update on a fresh replay batch, shared by its steps, with a' noise and
+    then (on actor turns) a~ noise drawn in turn from update_generator; each step on the run's own networks and
+    optimisers. The critic weights the actor loss sees: post-update, those after this update's critic optimiser step;
+    pre-update, those from before it (q_optimizer steps only after the actor step), both with the BatchRenorm
+    statistics the joint pass has just written. q_optimizer steps exactly once per update either way."""
+    flags = [*LOOP_FLAGS, "--actor-critic-weights", weights, *([] if autotune else ["--no-autotune"])]
+    ns, calls = run_main_in_process(cq, flags, tmp_path, monkeypatch, ("critic_step", "actor_step", "alpha_step"),
+                                    critic_state)  # fmt: skip
+    actor, qf1, qf2, log_alpha, args = ns["actor"], ns["qf1"], ns["qf2"], ns["log_alpha"], ns["args"]
+    assert ns["num_updates"] == LOOP_UPDATES and args.policy_delay == LOOP_DELAY and args.autotune == autotune
+    updates = [[call for call in calls if call.before["update"] == k] for k in range(LOOP_UPDATES)]
+    assert sum(map(len, updates)) == len(calls)
+    actor_turns = [k for k in range(LOOP_UPDATES) if (k + 1) % LOOP_DELAY == 0]
+    assert actor_turns == [2, 5, 8]
+    actor_names = ["actor_step", "alpha_step"] if autotune else ["actor_step"]
+    assert [[call.name for call in update] for update in updates] == [
+        ["critic_step", *actor_names] if k in actor_turns else ["critic_step"] for k in range(LOOP_UPDATES)
+    ]
+    # the batches, replayed from replay_generator (seed + 2) on the buffer as it stood (12 + 2k rows at update k), and
+    # the noises, replayed from update_generator (seed + 1): a' of every update, then a~ of an actor turn
+    replay_generator = torch.Generator().manual_seed(LOOP_SEED + 2)
+    update_generator = torch.Generator().manual_seed(LOOP_SEED + 1)
+    storage, noise_shape = ns["rb"].storage, (LOOP_BATCH, ns["act_dim"])
+    post_update = weights == "post-update"
+    for k, (critic, *actor_calls) in enumerate(updates):
+        rows = torch.randint(0, 12 + 2 * k, (LOOP_BATCH,), generator=replay_generator)
+        batch = critic.args[0]
+        assert all(torch.equal(getattr(batch, field), storage[field][rows]) for field in cq.Batch._fields)
+        assert torch.equal(critic.args[1], torch.randn(noise_shape, generator=update_generator))
+        assert critic.args[2] is actor and critic.args[3] is qf1 and critic.args[4] is qf2
+        assert critic.args[5] is ns["q_optimizer"] and critic.args[6] is log_alpha and critic.args[7] is args
+        assert critic.args[8] is post_update  # the critic optimiser steps inside critic_step only under post-update
+        # q_optimizer: k steps before update k; its step for update k inside critic_step (post) or after it (pre)
+        assert critic.before["q_steps"] == k and critic.after["q_steps"] == k + post_update
+        assert torch.equal(critic.after["weights"], critic.before["weights"]) != post_update
+        assert not torch.equal(critic.after["statistics"], critic.before["statistics"])  # the joint pass wrote them
+        if k in actor_turns:
+            actor_call = actor_calls[0]
+            assert actor_call.args[0] is batch  # the critic step's batch
+            assert torch.equal(actor_call.args[1], torch.randn(noise_shape, generator=update_generator))
+            assert actor_call.args[2] is actor and actor_call.args[3] is qf1 and actor_call.args[4] is qf2
+            assert actor_call.args[5] is ns["actor_optimizer"] and actor_call.args[6] is log_alpha
+            assert actor_call.args[7] is args
+            seen = actor_call.before
+            assert torch.equal(seen["weights"], critic.before["weights"]) == (not post_update)
+            assert torch.equal(seen["weights"], critic.after["weights"])  # pre-update: no step in critic_step
+            assert seen["q_steps"] == k + post_update
+            assert torch.equal(seen["statistics"], critic.after["statistics"])  # the joint pass's statistics
+            assert torch.equal(actor_call.after["weights"], seen["weights"])  # the actor step leaves the critics
+            assert torch.equal(actor_call.after["statistics"], seen["statistics"])
+            if autotune:
+                alpha_call = actor_calls[1]
+                assert alpha_call.args[0] is actor_call.result[1]  # the actor step's log pi
+                assert alpha_call.args[1] is log_alpha and alpha_call.args[2] is ns["a_optimizer"]
+                assert alpha_call.args[3] == -float(ns["act_dim"]) and alpha_call.args[4] == args.alpha_loss_form
+        # what moves the critics between this update's steps and the next update: q_optimizer.step() under pre-update
+        end = updates[k + 1][0].before if k + 1 < LOOP_UPDATES else critic_state(ns)
+        assert end["q_steps"] == k + 1
+        assert torch.equal(end["weights"], (actor_calls[-1] if actor_calls else critic).after["weights"]) == post_update
+    assert optimizer_steps(ns["actor_optimizer"]) == len(actor_turns)
+    assert optimizer_steps(ns["a_optimizer"]) == (len(actor_turns) if autotune else 0)

@@ -8,11 +8,16 @@ scikit-learn last, so most mutants stop early. scikit-learn is imported only ins
 takes seconds), and the update-step tests use `PlainSGD` instead of torch.optim (the first torch.optim optimizer of a
 process imports torch._dynamo, seconds again, in every child)."""
 
+import ast
 import copy
 import inspect
 import json
 import math
+import random
+import sys
 import warnings
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -1268,3 +1273,164 @@ def test_learns_chain_reach4(tmp_path):
     run_algo("dacer", *LEARNING_FLAGS, cwd=tmp_path)
     final = final_eval(tmp_path)
     assert final["eval/episodic_return"] > LEARNING_THRESHOLD, final
+
+
+# ------------------------------------------------------------------------------------ the training loop, in process
+# A tiny run of the script's __main__ block in this process (the pattern of tests/test_sdac.py), with the step functions
+# wrapped to record each call: its arguments, its result, and a probe of the run's state just before and just after it.
+# tests/mutate.py never mutates __main__, so this is what checks the loop's wiring: the order of the steps in an update,
+# their phases, and which networks (online or target) and which state (before or after the update) each one reads.
+
+
+class LoopCall(NamedTuple):
+    name: str
+    args: tuple
+    result: object
+    before: dict
+    after: dict
+
+
+def run_main_in_process(script, flags: list[str], tmp_path: Path, monkeypatch, names: tuple[str, ...], probe):
+    """Execute the `if __name__ == "__main__":` body of `script` (a module from load_script, so under
+    QFLEX_BENCH_MUTANT it is the mutant's __main__ that runs) with `flags`, its functions `names` wrapped to record
+    each call; `probe(namespace)` is read before and after every recorded call. Returns the namespace (networks,
+    optimisers, counters, ...) and the calls in order."""
+    path = Path(script.__file__)
+    tree = ast.parse(path.read_text())
+    (main,) = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+    code = compile(ast.Module(body=main.body, type_ignores=[]), str(path), "exec")
+    namespace, calls = dict(vars(script)), []
+
+    def recorded(name):
+        function = getattr(script, name)
+
+        def wrapper(*args):
+            before = probe(namespace)
+            result = function(*args)
+            calls.append(LoopCall(name, args, result, before, probe(namespace)))
+            return result
+
+        return wrapper
+
+    namespace.update({name: recorded(name) for name in names})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [path.name, *flags])
+    rng_states = random.getstate(), np.random.get_state(), torch.get_rng_state()  # the script seeds the global ones
+    try:
+        exec(code, namespace)
+    finally:
+        random.setstate(rng_states[0]), np.random.set_state(rng_states[1]), torch.set_rng_state(rng_states[2])
+    return namespace, calls
+
+
+def flat(*modules) -> torch.Tensor:
+    """All parameters of `modules`, flattened into one cloned tensor."""
+    return torch.cat([p.detach().flatten().clone() for module in modules for p in module.parameters()])
+
+
+def loop_state(namespace: dict) -> dict:
+    """What the loop test reads around each step call: the update counter, the policy's parameters (a list, to load
+    into a copy), the online and the target critics' weights, and log alpha."""
+    return dict(
+        update=namespace["num_updates"],
+        actor=[p.detach().clone() for p in namespace["actor"].parameters()],
+        critics=flat(namespace["qf1"], namespace["qf2"]),
+        targets=flat(namespace["qf1_target"], namespace["qf2_target"]),
+        log_alpha=namespace["log_alpha"].detach().clone(),
+    )
+
+
+def same_noise(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def adam_steps(optimizer) -> int:
+    return int(optimizer.state[optimizer.param_groups[0]["params"][0]]["step"])
+
+
+# 10 updates (global steps 12, 14, ..., 30): policy steps on updates 0, 3, 6, 9 (--policy-delay 3), alpha steps on
+# 0, 2, 4, 6, 8 (--alpha-every 2), both on 0 and 6; the linear lr schedule decays over policy steps 1 to 5
+LOOP_FLAGS = ["--env-id", "ChainReach4-v0", "--num-envs", "2", "--total-timesteps", "30", "--learning-starts", "12",
+              "--batch-size", "4", "--buffer-size", "100", "--hidden-dim", "8", "--num-layers", "1", "--time-dim", "4",
+              "--num-timesteps", "3", "--policy-delay", "3", "--alpha-every", "2", "--entropy-samples", "4",
+              "--gmm-components", "2", "--lr-decay-begin", "1", "--lr-decay-steps", "4", "--eval-freq", "0",
+              "--final-eval-episodes", "0", "--log-every", "4", "--no-cuda"]  # fmt: skip
+LOOP_UPDATES, LOOP_BATCH, LOOP_SEED = 10, 4, 1
+LOOP_POLICY_LRS = [3e-4, 3e-4, 3e-4 - 0.25 * 2.7e-4, 3e-4 - 0.5 * 2.7e-4]  # lr of policy steps 0..3: 3e-4 -> 3e-5
+
+
+def test_loop_step_order_phases_and_what_each_step_reads(tmp_path, monkeypatch):
+    """The update of docs/algorithms/dacer.md: a' ~ pi(.|s') first, then alpha_step on every --alpha-every-th update
+    (from update 0), actor_step on every --policy-delay-th update (from update 0), critic_step on every update, and
+    after it on policy updates polyak_update online -> target for qf1 then qf2. Every step reads the state from before
+    the update: a' and the entropy samples come from the policy before its step, the policy step sees the online
+    critics before theirs, and a', the alpha and the policy steps use kappa * alpha of before the alpha step. The
+    critic step bootstraps from the target critics, the policy step uses the online ones; the critics move only in
+    critic_step, the targets only in the Polyak steps, the policy only in actor_step. All steps of an update share one
+    fresh replay batch; a', zeta, the entropy noise and the policy noise are drawn in that order from update_generator;
+    the policy lr follows the linear schedule over policy steps."""
+    names = ("alpha_step", "actor_step", "critic_step", "polyak_update")
+    ns, calls = run_main_in_process(dacer, LOOP_FLAGS, tmp_path, monkeypatch, names, loop_state)
+    actor, qf1, qf2, qf1_target, qf2_target, args = (ns[k] for k in ("actor", "qf1", "qf2", "qf1_target", "qf2_target",
+                                                                     "args"))  # fmt: skip
+    assert ns["num_updates"] == LOOP_UPDATES and args.lr_schedule == "linear" and args.autotune
+    updates = [[call for call in calls if call.before["update"] == k] for k in range(LOOP_UPDATES)]
+    assert sum(map(len, updates)) == len(calls)
+    policy_turns, alpha_turns = [0, 3, 6, 9], [0, 2, 4, 6, 8]
+    assert [[call.name for call in update] for update in updates] == [
+        ["alpha_step"] * (k in alpha_turns) + ["actor_step"] * (k in policy_turns) + ["critic_step"]
+        + ["polyak_update"] * 2 * (k in policy_turns) for k in range(LOOP_UPDATES)
+    ]  # fmt: skip
+    replay_generator = torch.Generator().manual_seed(LOOP_SEED + 2)
+    update_generator = torch.Generator().manual_seed(LOOP_SEED + 1)
+    start_actor = copy.deepcopy(actor)  # loaded with each update's starting policy to replay a'
+    for k, update in enumerate(updates):
+        calls_by_name = {call.name: call for call in update}  # the two Polyak calls are read from `update`
+        critic, start = calls_by_name["critic_step"], update[0].before
+        batch = critic.args[0]
+        rows = torch.randint(0, 12 + 2 * k, (LOOP_BATCH,), generator=replay_generator)  # the buffer as it stood
+        assert all(torch.equal(getattr(batch, field), ns["rb"].storage[field][rows]) for field in dacer.Batch._fields)
+        noise_std = args.noise_scale * start["log_alpha"].exp()  # kappa * alpha of before this update's alpha step
+        next_noise = actor.draw_noise(LOOP_BATCH, update_generator)
+        zeta = torch.randn(LOOP_BATCH, generator=update_generator)
+        with torch.no_grad():
+            for p, value in zip(start_actor.parameters(), start["actor"], strict=True):
+                p.copy_(value)
+            next_actions = start_actor.sample(batch.next_obs, next_noise, noise_std)
+        assert torch.equal(critic.args[1], next_actions) and torch.equal(critic.args[2], zeta)
+        expected = (qf1, qf2, qf1_target, qf2_target, ns["q_optimizer"], ns["std_ema"], args)  # targets bootstrap
+        assert all(passed is wanted for passed, wanted in zip(critic.args[3:], expected, strict=True))
+        assert torch.equal(critic.before["critics"], start["critics"])  # nothing before it moved the online critics
+        assert not torch.equal(critic.after["critics"], critic.before["critics"])
+        assert torch.equal(critic.after["targets"], critic.before["targets"])
+        if k in alpha_turns:
+            alpha = calls_by_name["alpha_step"]
+            entropy_noise = actor.draw_noise(LOOP_BATCH * args.entropy_samples, update_generator)
+            assert alpha.args[0] is batch.obs and same_noise(alpha.args[1], entropy_noise)
+            assert alpha.args[2] is actor and alpha.args[3] is ns["log_alpha"] and alpha.args[4] is ns["a_optimizer"]
+            assert torch.equal(alpha.args[5], noise_std) and alpha.args[6] == pytest.approx(-0.9 * ns["act_dim"])
+            assert alpha.args[7] is args
+            assert not torch.equal(alpha.after["log_alpha"], alpha.before["log_alpha"])
+        if k in policy_turns:
+            policy = calls_by_name["actor_step"]
+            pi_noise = actor.draw_noise(LOOP_BATCH, update_generator)
+            assert policy.args[0] is batch and same_noise(policy.args[1], pi_noise)
+            expected = (actor, qf1, qf2, ns["actor_optimizer"])  # the online critics
+            assert all(passed is wanted for passed, wanted in zip(policy.args[2:6], expected, strict=True))
+            assert torch.equal(policy.args[6], noise_std)  # alpha of before the alpha step
+            assert policy.args[7] == pytest.approx(LOOP_POLICY_LRS[policy_turns.index(k)], rel=1e-12)
+            assert torch.equal(policy.before["critics"], start["critics"])  # the critics before their step
+            assert all(torch.equal(p, q) for p, q in zip(policy.before["actor"], start["actor"], strict=True))
+            assert not all(torch.equal(p, q) for p, q in zip(policy.after["actor"], start["actor"], strict=True))
+            (qf1_polyak, qf2_polyak) = [call.args for call in update if call.name == "polyak_update"]
+            assert qf1_polyak[0] is qf1 and qf1_polyak[1] is qf1_target and qf1_polyak[2] == args.tau
+            assert qf2_polyak[0] is qf2 and qf2_polyak[1] is qf2_target and qf2_polyak[2] == args.tau
+            assert not torch.equal(update[-1].after["targets"], critic.after["targets"])
+        # what the next update starts from: nothing moves a network between the steps recorded here
+        end = updates[k + 1][0].before if k + 1 < LOOP_UPDATES else loop_state(ns)
+        last = update[-1].after
+        assert torch.equal(end["critics"], critic.after["critics"]) and torch.equal(end["targets"], last["targets"])
+        assert all(torch.equal(p, q) for p, q in zip(end["actor"], last["actor"], strict=True))
+        assert torch.equal(end["log_alpha"], last["log_alpha"])
+    assert adam_steps(ns["q_optimizer"]) == LOOP_UPDATES and adam_steps(ns["actor_optimizer"]) == len(policy_turns)
+    assert adam_steps(ns["a_optimizer"]) == len(alpha_turns)
