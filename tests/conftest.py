@@ -1,13 +1,18 @@
 """Shared helpers for the script-level tests: run `algos/<algo>.py` in a scratch directory and read its logs."""
 
+import ast
 import importlib.util
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # No network, no W&B, headless rendering; one BLAS thread so parallel test processes do not oversubscribe 2 cores.
@@ -99,3 +104,57 @@ def assert_haiku_truncated_normal_init(init_) -> None:
     assert torch.equal(layer.bias.detach(), torch.zeros(300))
     assert w.min() >= -2 * std and w.max() <= 2 * std and w.min() < -1.95 * std and w.max() > 1.95 * std
     assert w.std().item() == pytest.approx(0.8796 * std, rel=0.02) and abs(w.mean().item()) < 0.01 * std
+
+
+# ------------------------------------------------------------------------------------- a script's training loop, in process
+# tests/mutate.py never mutates __main__, so the loop's wiring (phases, the order of the steps, which network each step
+# reads) is checked by running the __main__ block in this process with the step functions wrapped to record each call.
+
+
+class LoopCall(NamedTuple):
+    """One recorded call: its arguments, its result, and the probe of the run's state just before and just after it."""
+
+    name: str
+    args: tuple
+    result: object
+    before: dict
+    after: dict
+
+
+def run_main_in_process(script, flags: list[str], tmp_path: Path, monkeypatch, names: tuple[str, ...], probe):
+    """Execute the `if __name__ == "__main__":` body of `script` (a module from load_script, so under
+    QFLEX_BENCH_MUTANT it is the mutant's __main__ that runs) with `flags`, its functions `names` wrapped to record
+    each call; `probe(namespace)` is read before and after every recorded call. Returns the namespace (networks,
+    optimisers, counters, ...) and the calls in order."""
+    path = Path(script.__file__)
+    tree = ast.parse(path.read_text())
+    (main,) = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+    code = compile(ast.Module(body=main.body, type_ignores=[]), str(path), "exec")
+    namespace, calls = dict(vars(script)), []
+
+    def recorded(name):
+        function = getattr(script, name)
+
+        def wrapper(*args):
+            before = probe(namespace)
+            result = function(*args)
+            calls.append(LoopCall(name, args, result, before, probe(namespace)))
+            return result
+
+        return wrapper
+
+    namespace.update({name: recorded(name) for name in names})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [path.name, *flags])
+    rng_states = random.getstate(), np.random.get_state(), torch.get_rng_state()  # the script seeds the global ones
+    try:
+        exec(code, namespace)
+    finally:
+        random.setstate(rng_states[0]), np.random.set_state(rng_states[1]), torch.set_rng_state(rng_states[2])
+    return namespace, calls
+
+
+def adam_steps(optimizer) -> int:
+    """Steps an Adam optimiser has taken (its per-parameter step count; 0 before the first)."""
+    state = optimizer.state.get(optimizer.param_groups[0]["params"][0], {})
+    return int(state["step"]) if "step" in state else 0

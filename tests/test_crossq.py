@@ -1,27 +1,23 @@
 """Tests of algos/crossq.py: BatchRenorm against its formulas, the pure maths, each update step on a tiny problem,
 script smoke/resume/error runs, learning."""
 
-import ast
 import copy
 import json
 import math
-import random
-import sys
-from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tests.conftest import (
+    adam_steps,
     assert_haiku_truncated_normal_init,
     assert_one_line_error,
     load_script,
     read_scalars,
     run_algo,
     run_dirs,
+    run_main_in_process,
 )
 
 # tests/mutate.py ids of mutants that cannot change what the program computes (reason with each).
@@ -792,53 +788,6 @@ def test_learns_chain_reach4(tmp_path):
 # of the steps, and which critic weights the actor step sees.
 
 
-class LoopCall(NamedTuple):
-    name: str
-    args: tuple
-    result: object
-    before: dict
-    after: dict
-
-
-def run_main_in_process(script, flags: list[str], tmp_path: Path, monkeypatch, names: tuple[str, ...], probe):
-    """Execute the `if __name__ == "__main__":` body of `script` (a module from load_script, so under
-    QFLEX_BENCH_MUTANT it is the mutant's __main__ that runs) with `flags`, its functions `names` wrapped to record
-    each call; `probe(namespace)` is read before and after every recorded call. Returns the namespace (networks,
-    optimisers, counters, ...) and the calls in order."""
-    path = Path(script.__file__)
-    tree = ast.parse(path.read_text())
-    (main,) = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
-    code = compile(ast.Module(body=main.body, type_ignores=[]), str(path), "exec")
-    namespace, calls = dict(vars(script)), []
-
-    def recorded(name):
-        function = getattr(script, name)
-
-        def wrapper(*args):
-            before = probe(namespace)
-            result = function(*args)
-            calls.append(LoopCall(name, args, result, before, probe(namespace)))
-            return result
-
-        return wrapper
-
-    namespace.update({name: recorded(name) for name in names})
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", [path.name, *flags])
-    rng_states = random.getstate(), np.random.get_state(), torch.get_rng_state()  # the script seeds the global ones
-    try:
-        exec(code, namespace)
-    finally:
-        random.setstate(rng_states[0]), np.random.set_state(rng_states[1]), torch.set_rng_state(rng_states[2])
-    return namespace, calls
-
-
-def optimizer_steps(optimizer) -> int:
-    """Steps an Adam optimiser has taken (its per-parameter step count; 0 before the first)."""
-    state = optimizer.state.get(optimizer.param_groups[0]["params"][0], {})
-    return int(state["step"]) if "step" in state else 0
-
-
 def critic_state(namespace: dict) -> dict:
     """What the loop test reads around each step call: the update counter, both critics' weights and BatchRenorm
     buffers (running statistics and call counters), each flattened into one tensor, and q_optimizer's step count."""
@@ -847,7 +796,7 @@ def critic_state(namespace: dict) -> dict:
         update=namespace["num_updates"],
         weights=torch.cat([p.detach().flatten().clone() for qf in critics for p in qf.parameters()]),
         statistics=torch.cat([b.flatten().double() for qf in critics for b in qf.buffers()]),
-        q_steps=optimizer_steps(namespace["q_optimizer"]),
+        q_steps=adam_steps(namespace["q_optimizer"]),
     )
 
 
@@ -926,5 +875,5 @@ def test_loop_policy_delay_phase_step_order_and_the_critic_weights_the_actor_see
         end = updates[k + 1][0].before if k + 1 < LOOP_UPDATES else critic_state(ns)
         assert end["q_steps"] == k + 1
         assert torch.equal(end["weights"], (actor_calls[-1] if actor_calls else critic).after["weights"]) == post_update
-    assert optimizer_steps(ns["actor_optimizer"]) == len(actor_turns)
-    assert optimizer_steps(ns["a_optimizer"]) == (len(actor_turns) if autotune else 0)
+    assert adam_steps(ns["actor_optimizer"]) == len(actor_turns)
+    assert adam_steps(ns["a_optimizer"]) == (len(actor_turns) if autotune else 0)

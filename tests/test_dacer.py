@@ -8,22 +8,27 @@ scikit-learn last, so most mutants stop early. scikit-learn is imported only ins
 takes seconds), and the update-step tests use `PlainSGD` instead of torch.optim (the first torch.optim optimizer of a
 process imports torch._dynamo, seconds again, in every child)."""
 
-import ast
 import copy
 import inspect
 import json
 import math
-import random
-import sys
 import warnings
-from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import assert_one_line_error, final_eval, load_script, read_scalars, resume_to, run_algo, run_dirs
+from tests.conftest import (
+    adam_steps,
+    assert_one_line_error,
+    final_eval,
+    load_script,
+    read_scalars,
+    resume_to,
+    run_algo,
+    run_dirs,
+    run_main_in_process,
+)
 
 dacer = load_script("algos/dacer.py")
 
@@ -1282,47 +1287,6 @@ def test_learns_chain_reach4(tmp_path):
 # their phases, and which networks (online or target) and which state (before or after the update) each one reads.
 
 
-class LoopCall(NamedTuple):
-    name: str
-    args: tuple
-    result: object
-    before: dict
-    after: dict
-
-
-def run_main_in_process(script, flags: list[str], tmp_path: Path, monkeypatch, names: tuple[str, ...], probe):
-    """Execute the `if __name__ == "__main__":` body of `script` (a module from load_script, so under
-    QFLEX_BENCH_MUTANT it is the mutant's __main__ that runs) with `flags`, its functions `names` wrapped to record
-    each call; `probe(namespace)` is read before and after every recorded call. Returns the namespace (networks,
-    optimisers, counters, ...) and the calls in order."""
-    path = Path(script.__file__)
-    tree = ast.parse(path.read_text())
-    (main,) = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
-    code = compile(ast.Module(body=main.body, type_ignores=[]), str(path), "exec")
-    namespace, calls = dict(vars(script)), []
-
-    def recorded(name):
-        function = getattr(script, name)
-
-        def wrapper(*args):
-            before = probe(namespace)
-            result = function(*args)
-            calls.append(LoopCall(name, args, result, before, probe(namespace)))
-            return result
-
-        return wrapper
-
-    namespace.update({name: recorded(name) for name in names})
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", [path.name, *flags])
-    rng_states = random.getstate(), np.random.get_state(), torch.get_rng_state()  # the script seeds the global ones
-    try:
-        exec(code, namespace)
-    finally:
-        random.setstate(rng_states[0]), np.random.set_state(rng_states[1]), torch.set_rng_state(rng_states[2])
-    return namespace, calls
-
-
 def flat(*modules) -> torch.Tensor:
     """All parameters of `modules`, flattened into one cloned tensor."""
     return torch.cat([p.detach().flatten().clone() for module in modules for p in module.parameters()])
@@ -1342,10 +1306,6 @@ def loop_state(namespace: dict) -> dict:
 
 def same_noise(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-
-
-def adam_steps(optimizer) -> int:
-    return int(optimizer.state[optimizer.param_groups[0]["params"][0]]["step"])
 
 
 # 10 updates (global steps 12, 14, ..., 30): policy steps on updates 0, 3, 6, 9 (--policy-delay 3), alpha steps on

@@ -6,13 +6,10 @@ the training loop run in process (which policy and which critics each call site 
 argument checks, smoke runs with updates and alpha steps, checkpoint resume, a clean failure, and a learning test on
 ChainReach4-v0."""
 
-import ast
 import copy
 import json
 import math
-import random
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import assert_one_line_error, final_eval, load_script, read_scalars, resume_to, run_algo, run_dirs
+from tests.conftest import (
+    assert_one_line_error,
+    final_eval,
+    load_script,
+    read_scalars,
+    resume_to,
+    run_algo,
+    run_dirs,
+    run_main_in_process,
+)
 
 sdac = load_script("algos/sdac.py")
 
@@ -593,34 +599,10 @@ LOOP_FLAGS = ["--env-id", "ChainReach4-v0", "--num-envs", "2", "--total-timestep
               "--no-cuda"]  # fmt: skip
 
 
-def run_main_in_process(flags: list[str], tmp_path: Path, monkeypatch) -> tuple[dict, list[tuple[str, tuple, object]]]:
-    """Execute the `if __name__ == "__main__":` body of algos/sdac.py with `flags`; returns its namespace (the networks,
-    generators, deterministic_action, ...) and the recorded calls (name, positional arguments, result) in order."""
-    tree = ast.parse(Path(sdac.__file__).read_text())
-    (main,) = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
-    code = compile(ast.Module(body=main.body, type_ignores=[]), sdac.__file__, "exec")
-    calls = []
-
-    def recorded(name):
-        function = getattr(sdac, name)
-
-        def wrapper(*args):
-            result = function(*args)
-            calls.append((name, args, result))
-            return result
-
-        return wrapper
-
-    namespace = dict(vars(sdac))
-    namespace.update({name: recorded(name) for name in ("best_of_n", "actor_step", "critic_step", "polyak_update")})
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["sdac.py", *flags])
-    rng_states = random.getstate(), np.random.get_state(), torch.get_rng_state()  # the script seeds the global ones
-    try:
-        exec(code, namespace)
-    finally:
-        random.setstate(rng_states[0]), np.random.set_state(rng_states[1]), torch.set_rng_state(rng_states[2])
-    return namespace, calls
+def run_sdac_main(flags: list[str], tmp_path: Path, monkeypatch):
+    """conftest.run_main_in_process on algos/sdac.py, recording best_of_n and the update steps (no state probe)."""
+    names = ("best_of_n", "actor_step", "critic_step", "polyak_update")
+    return run_main_in_process(sdac, flags, tmp_path, monkeypatch, names, probe=lambda namespace: None)
 
 
 def test_loop_the_ema_policy_acts_the_online_policy_bootstraps(tmp_path, monkeypatch):
@@ -630,10 +612,10 @@ def test_loop_the_ema_policy_acts_the_online_policy_bootstraps(tmp_path, monkeyp
     critics at a' (rows of s'), actor_step regresses theta at a0 (rows of s) with the online critics; every 2nd update
     is a policy step (actor step before the critic step, then the Polyak steps online -> target, theta -> theta-bar);
     and the evaluation action is best-of-N of theta-bar: it moves with theta-bar, not with theta."""
-    ns, calls = run_main_in_process(LOOP_FLAGS, tmp_path, monkeypatch)
+    ns, calls = run_sdac_main(LOOP_FLAGS, tmp_path, monkeypatch)
     actor, actor_ema, qf1, qf2 = ns["actor"], ns["actor_ema"], ns["qf1"], ns["qf2"]
     assert actor is not actor_ema and ns["num_updates"] == 7  # updates at global steps 12, 14, ..., 24
-    acting = [args for name, args, _ in calls if name == "best_of_n" and args[5] is ns["act_generator"]]
+    acting = [args for name, args, *_ in calls if name == "best_of_n" and args[5] is ns["act_generator"]]
     assert len(acting) == 6 and all(a[0] is actor_ema and a[1] is qf1 and a[2] is qf2 and a[4] == 2 for a in acting)
     # the rest, split into updates: each update begins with its best-of-N call on the update generator
     updates, rest = [], [c for c in calls if not (c[0] == "best_of_n" and c[1][5] is ns["act_generator"])]
@@ -641,12 +623,12 @@ def test_loop_the_ema_policy_acts_the_online_policy_bootstraps(tmp_path, monkeyp
         if call[0] == "best_of_n":
             updates.append([])
         updates[-1].append(call)
-    assert [[name for name, _, _ in update] for update in updates] == [
+    assert [[name for name, *_ in update] for update in updates] == [
         ["best_of_n", "actor_step", "critic_step", "polyak_update", "polyak_update", "polyak_update"] if k % 2 == 0
         else ["best_of_n", "critic_step"] for k in range(7)
     ]  # fmt: skip
     for k, update in enumerate(updates):
-        (_, bon_args, bon_actions), *_, (_, critic_args, _) = [c for c in update if c[0] != "polyak_update"]
+        (_, bon_args, bon_actions, *_), *_, (_, critic_args, *_) = [c for c in update if c[0] != "polyak_update"]
         assert bon_args[0] is actor and bon_args[1] is qf1 and bon_args[2] is qf2 and bon_args[5] is ns["update_generator"]
         batch, next_actions = critic_args[0], critic_args[1]
         assert critic_args[2:6] == (qf1, qf2, ns["qf1_target"], ns["qf2_target"])
@@ -657,7 +639,7 @@ def test_loop_the_ema_policy_acts_the_online_policy_bootstraps(tmp_path, monkeyp
             assert actor_args[0] is batch and torch.equal(actor_args[1], bon_actions[4:])  # a0 at s
             assert actor_args[5] is actor and actor_args[6] is qf1 and actor_args[7] is qf2
             assert actor_args[9].item() == pytest.approx(5.0)  # alpha
-            polyak = [args for name, args, _ in update if name == "polyak_update"]
+            polyak = [args for name, args, *_ in update if name == "polyak_update"]
             assert polyak == [(qf1, ns["qf1_target"], 0.005), (qf2, ns["qf2_target"], 0.005), (actor, actor_ema, 0.005)]
         else:
             assert torch.equal(bon_args[3], batch.next_obs)
@@ -665,7 +647,7 @@ def test_loop_the_ema_policy_acts_the_online_policy_bootstraps(tmp_path, monkeyp
     obs = np.random.default_rng(0).normal(size=(3, ns["obs_dim"])).astype(np.float32)
     calls.clear()
     action = ns["deterministic_action"](obs)
-    ((_, args, _),) = calls
+    ((_, args, *_),) = calls
     assert args[0] is actor_ema and args[1] is qf1 and args[2] is qf2
     assert np.array_equal(ns["deterministic_action"](obs), action) and np.abs(action).max() <= 1.0
     with torch.no_grad():
