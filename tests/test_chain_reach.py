@@ -1,6 +1,5 @@
 """ChainReach env: registration, gymnasium conventions, dynamics invariants, speed and solvability."""
 
-import time
 import warnings
 
 import gymnasium as gym
@@ -138,20 +137,6 @@ def test_target_option_and_validation():
     np.testing.assert_allclose(obs[24:26], [0.3, -0.4], rtol=1e-6)
     with pytest.raises(ValueError):
         env.reset(options={"target": (2.0, 0.0)})
-
-
-def test_step_speed_sanity():
-    # Measured ~65k steps/s at J=16 on the 2-core dev box; 5k leaves >10x headroom for a loaded CI machine.
-    env = ChainReachEnv(16)
-    env.reset(seed=0)
-    action = env.action_space.sample()
-    best = 0.0
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(2000):
-            env.step(action)
-        best = max(best, 2000 / (time.perf_counter() - start))
-    assert best > 5000, f"{best:.0f} steps/s"
 
 
 @pytest.mark.parametrize("num_links", [4, 16, 64])
