@@ -17,6 +17,28 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 # No network, no W&B, headless rendering; one BLAS thread so parallel test processes do not oversubscribe 2 cores.
 TEST_ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "MUJOCO_GL": "egl", "OMP_NUM_THREADS": "1"}
+
+# The suite's longest tests, longest first (pytest --durations on 2 cores, 2026-12-02). They are handed out first, so
+# the two xdist workers do not end with one of them running alone: the suite's wall time is then about half its sum.
+LONGEST_FIRST = (
+    "tests/test_sac.py::test_learns_chain_reach4",
+    "tests/test_twin.py::test_twin_checks_pass_in_the_mjlab_environment",
+    "tests/test_qflex.py::test_learns_chain_reach4",
+    "tests/test_crossq.py::test_learns_chain_reach4",
+    "tests/test_sdac.py::test_learns_chain_reach4",
+    "tests/test_resume.py::test_resume_with_buffer_is_exact",
+    "tests/test_benchmark.py::test_sweep_end_to_end",
+    "tests/test_analysis.py::test_every_command_end_to_end",
+    "tests/test_dacer.py::test_learns_chain_reach4",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Start the longest tests first (every parametrisation of them); the others keep their order."""
+    rank = {test: i for i, test in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("[")[0], len(rank)))
+
+
 for _name in ("WANDB_MODE", "HF_HUB_OFFLINE", "MUJOCO_GL"):  # the in-process tests get the same guarantees
     os.environ.setdefault(_name, TEST_ENV[_name])
 
