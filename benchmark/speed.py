@@ -300,6 +300,17 @@ class Table(list):
             Path(self.out).write_text(self.text(footer))
 
 
+def child_json(runner: Runner, command: list[str], name: str, timeout: float) -> tuple[dict | None, str]:
+    """Run a --child-* measurement; (its JSON line, "") or (None, why it failed)."""
+    rc, output, seconds = runner.run(command, "out", runner.scratch(name), timeout)
+    if rc == 0:
+        try:
+            return json.loads(output.strip().splitlines()[-1]), ""
+        except (ValueError, IndexError):
+            pass
+    return None, f"timed out after {seconds:.0f} s" if rc is None else f"exit {rc}: {last_line(output)}"
+
+
 def env_rows(rows: "Table", runner: Runner, args, E: int, W: int) -> float:
     """(a): the ceiling, the pool and the sync vector env; returns the pool's steps/s."""
     rates, w = {}, max(W, 1)
@@ -311,13 +322,8 @@ def env_rows(rows: "Table", runner: Runner, args, E: int, W: int) -> float:
             continue
         command = [sys.executable, str(Path(__file__).resolve()), "--child-env", kind, args.env_id, str(E),
                    str(w if kind != "sync" else 1), str(args.env_seconds)]  # fmt: skip
-        rc, output, seconds = runner.run(command, "out", runner.scratch(f"env_{kind}"), timeout)
-        try:
-            result = json.loads(output.strip().splitlines()[-1]) if rc == 0 else None
-        except (ValueError, IndexError):
-            result = None
+        result, why = child_json(runner, command, f"env_{kind}", timeout)
         if result is None:
-            why = f"timed out after {seconds:.0f} s" if rc is None else f"exit {rc}: {last_line(output)}"
             rows.append((label, "-", "-", E, f"failed: {why}", "", ""))
             continue
         rates[kind] = result["rate"]
@@ -385,13 +391,8 @@ def twin_rows(rows: "Table", runner: Runner, args, pool_rate: float, extra: list
             rows.append((label, "-", "-", E, f"n/a: no twin environment at {args.twin_python}", "", ""))
             continue
         command = [args.twin_python, str(Path(__file__).resolve()), "--child-twin", args.env_id, str(E), str(args.env_seconds)]
-        rc, output, seconds = runner.run(command, "out", runner.scratch(f"twin_{E}"), timeout)
-        try:
-            result = json.loads(output.strip().splitlines()[-1]) if rc == 0 else None
-        except (ValueError, IndexError):
-            result = None
+        result, why = child_json(runner, command, f"twin_{E}", timeout)
         if result is None:
-            why = f"timed out after {seconds:.0f} s" if rc is None else f"exit {rc}: {last_line(output)}"
             rows.append((label, "-", "-", E, f"failed: {why}", "", ""))
             continue
         ratio = f"{result['rate'] / pool_rate:.2f}x the CPU pool" if math.isfinite(pool_rate) else ""

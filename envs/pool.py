@@ -50,7 +50,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector.utils import batch_space
 
-from envs import KEPT_INFO_KEYS, EnvIdError, check_env_id, make_env
+from envs import KEPT_INFO_KEYS, EnvIdError, check_env_id, host_actions, make_env
 
 __all__ = ["EnvPool", "EnvPoolError", "default_start_method"]
 
@@ -497,7 +497,7 @@ class EnvPool(gym.vector.VectorEnv):
     def step_async(self, actions) -> None:
         """Write `actions` ([num_envs, *action_shape]) to shared memory and start every worker's step."""
         self._check_open()
-        actions = np.asarray(actions.detach().cpu() if hasattr(actions, "detach") else actions)  # the policy's tensor
+        actions = np.asarray(host_actions(actions))
         shape = (self.num_envs, *self.single_action_space.shape)
         if actions.shape != shape:
             raise ValueError(f"EnvPool.step: actions must have shape {shape}, got {actions.shape}")
