@@ -2,27 +2,34 @@
 # Claim 2 of the Qflex paper (its Fig. 5: N = 20 flow steps are enough, fewer are worse) at a 2-core budget:
 # Qflex on ChainReach64-v0 (|A| = 128) with N in {0, 5, 10, 20, 40} flow steps (eta = 0.01), eta in {0.003, 0.01,
 # 0.03} (N = 20), and --no-flow (acting with the source policy; the flow is still trained), 3 seeds each, at the
-# budget and width of benchmark/dimension_sweep.sh. N = 20, eta = 0.01 is the default and is run once as `qflex`.
+# budget and width of benchmark/dimension_sweep.sh. N = 20, eta = 0.01 is the default: its runs are the dimension
+# sweep's own Qflex ChainReach64-v0 runs (same command), made in DIMENSION if that sweep has not made them yet.
 # One runs folder per variant (exp names qflex_N5, qflex_eta0.03, qflex_noflow, ...). Rerunning resumes the sweep;
-# then `benchmark/analysis.py dimension`-style tables come from benchmark/plot.py (score and wall time per variant).
-#   bash benchmark/ablation_sweep.sh             # OUT=sweeps/ablation RESULTS=docs/results WORKERS=2
+# then benchmark/plot.py writes the score table of every variant.
+#   bash benchmark/ablation_sweep.sh   # OUT=sweeps/ablation DIMENSION=sweeps/dimension/main RESULTS=docs/results WORKERS=2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-sweeps/ablation}
+DIMENSION=${DIMENSION:-sweeps/dimension/main}
 RESULTS=${RESULTS:-docs/results}
 WORKERS=${WORKERS:-2}
 SEEDS=${SEEDS:-1 2 3}
 COMMON=(--num-envs 4 --learning-starts 1000 --total-timesteps 20000 --batch-size 128 --hidden-dim 64
-    --eval-freq 5000 --eval-episodes 5 --final-eval-episodes 10)
+    --eval-freq 5000 --eval-episodes 5 --final-eval-episodes 10 --save-model)
 status=0
-variant() {  # variant NAME [qflex flags]
-    local name=$1
+runs() {  # runs RUNS_DIR [qflex flags]
+    local dir=$1
     shift
     # shellcheck disable=SC2086
     python benchmark/run.py --algos qflex --env-ids ChainReach64-v0 --seeds $SEEDS --workers "$WORKERS" \
-        --runs-dir "$OUT/$name" -- "${COMMON[@]}" --exp-name "$name" "$@" || status=$?
+        --runs-dir "$dir" -- "${COMMON[@]}" "$@" || status=$?
 }
-variant qflex
+variant() {  # variant NAME [qflex flags]
+    local name=$1
+    shift
+    runs "$OUT/$name" --exp-name "$name" "$@"
+}
+runs "$DIMENSION"
 variant qflex_N0 --flow-steps 0
 variant qflex_N5 --flow-steps 5
 variant qflex_N10 --flow-steps 10
@@ -30,5 +37,6 @@ variant qflex_N40 --flow-steps 40
 variant qflex_eta0.003 --flow-step-size 0.003
 variant qflex_eta0.03 --flow-step-size 0.03
 variant qflex_noflow --no-flow
-python benchmark/plot.py --runs-dir "$OUT"/* --out "$RESULTS" --name ablation --reps 10000 || status=$?
+python benchmark/plot.py --runs-dir "$DIMENSION" "$OUT"/* --env-ids ChainReach64-v0 --out "$RESULTS" --name ablation \
+    --algos qflex qflex_N0 qflex_N5 qflex_N10 qflex_N40 qflex_eta0.003 qflex_eta0.03 qflex_noflow --reps 10000 || status=$?
 exit $status
