@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Claim 2 of the Qflex paper (its Fig. 5: N = 20 flow steps are enough, fewer are worse) at a 2-core budget:
 # Qflex on ChainReach64-v0 (|A| = 128) with N in {0, 5, 10, 20, 40} flow steps (eta = 0.01), eta in {0.003, 0.01,
-# 0.03} (N = 20), and --no-flow (acting with the source policy; the flow is still trained), 3 seeds each, at the
+# 0.03} (N = 20), and --no-flow (acting with the source policy; no velocity field is trained), 3 seeds each, at the
 # budget and width of benchmark/dimension_sweep.sh. N = 20, eta = 0.01 is the default: its runs are the dimension
 # sweep's own Qflex ChainReach64-v0 runs (same command), made in DIMENSION if that sweep has not made them yet.
 # One runs folder per variant (exp names qflex_N5, qflex_eta0.03, qflex_noflow, ...). Rerunning resumes the sweep;
-# then benchmark/plot.py writes the score table of every variant.
+# then `benchmark/analysis.py ablation` writes the table (score, CI, wall time per run) and the figure.
 #   bash benchmark/ablation_sweep.sh   # OUT=sweeps/ablation DIMENSION=sweeps/dimension/main RESULTS=docs/results WORKERS=2
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +37,6 @@ variant qflex_N40 --flow-steps 40
 variant qflex_eta0.003 --flow-step-size 0.003
 variant qflex_eta0.03 --flow-step-size 0.03
 variant qflex_noflow --no-flow
-python benchmark/plot.py --runs-dir "$DIMENSION" "$OUT"/* --env-ids ChainReach64-v0 --out "$RESULTS" --name ablation \
-    --algos qflex qflex_N0 qflex_N5 qflex_N10 qflex_N40 qflex_eta0.003 qflex_eta0.03 qflex_noflow --reps 10000 || status=$?
+python benchmark/analysis.py ablation --runs-dir "$DIMENSION" "$OUT"/* --env-id ChainReach64-v0 --out "$RESULTS" \
+    --name ablation || status=$?
 exit $status

@@ -2,6 +2,7 @@
 and the correlation structure of exploratory actions.
 
     python benchmark/analysis.py dimension   --runs-dir sweeps/dimension/main sweeps/dimension/sac_paper --out docs/results
+    python benchmark/analysis.py ablation    --runs-dir sweeps/dimension/main sweeps/ablation/* --out docs/results
     python benchmark/analysis.py effort      --runs-dir sweeps/dimension/main sweeps/dimension/sac_paper --out docs/results
     python benchmark/analysis.py flow        --runs-dir sweeps/dimension/main --out docs/results
     python benchmark/analysis.py correlation --runs-dir sweeps/dimension/main --env-id ChainReach16-v0 --out docs/results
@@ -9,6 +10,9 @@ and the correlation structure of exploratory actions.
 * `dimension` (claim 1): per algorithm and ChainReach task, the normalised final score (benchmark/plot.py's fixed
   references) over seeds, its mean and 95 % percentile-bootstrap CI, drawn against |A| = 2J; a table with the
   wall time per run.
+* `ablation` (claim 2, the paper's Fig. 5): Qflex's normalised final score on one task (default ChainReach64-v0)
+  per setting of the flow, read from each run's config: N flow steps, the ascent step size eta, and --no-flow; a
+  table with the wall time per run and a figure of score vs N and vs eta beside the no-flow level.
 * `effort` (claim 4, the paper's Table 4): `eval/effort` of each run's final evaluation, the mean over evaluation
   steps of the summed muscle activations, per algorithm and task.
 * `flow` (the flow's own diagnostics): `flow/q_gain` (Q of the flow target minus Q of the source sample) and
@@ -129,6 +133,76 @@ def dimension(args) -> int:
     lines += ["", "Cells: normalised score mean [95 % bootstrap CI] (seeds, mean final return, mean wall time per run).",
               f"Figure: {args.name}.png"]  # fmt: skip
     write_outputs(args.out, args.name, rows, lines)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# claim 2: the flow-step ablation
+
+
+def ablation_rows(runs: list[plot.Run], env_id: str, reps: int, seed: int) -> list[dict]:
+    """One row per Qflex setting (flow on/off, N, eta) on env_id: seeds, normalised score mean and 95 % CI, wall time.
+
+    The setting is read from each run's config.json, not from its exp name, so the default runs of another sweep
+    (e.g. the dimension sweep's `qflex`) join the N = 20, eta = 0.01 row."""
+    rng, ref, cells = np.random.default_rng(seed), plot.reference_for(env_id), {}
+    for run in runs:
+        config_path = run.path / "config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        if run.env_id != env_id or "flow_steps" not in config:
+            continue
+        key = (bool(config.get("flow", True)), int(config["flow_steps"]), float(config["flow_step_size"]))
+        cells.setdefault(key, []).append(run)
+    rows = []
+    for (flow_on, steps, step_size), cell in sorted(cells.items(), key=lambda c: (not c[0][0], c[0][2], c[0][1])):
+        scores = np.array([plot.normalize(r.final_return, ref) for r in cell])
+        mean, lo, hi = plot.bootstrap_mean_ci(scores, reps, rng)
+        rows.append(dict(setting="no flow (source policy)" if not flow_on else f"N = {steps}, eta = {step_size:g}",
+                         flow=flow_on, flow_steps=steps, flow_step_size=step_size, seeds=len(cell),
+                         exp_names=" ".join(sorted({r.algo for r in cell})), score_mean=float(mean),
+                         score_ci_low=float(lo), score_ci_high=float(hi),
+                         return_mean=float(np.mean([r.final_return for r in cell])),
+                         wall_time_min=float(np.mean([r.wall_time for r in cell]) / 60)))  # fmt: skip
+    return rows
+
+
+def ablation(args) -> int:
+    rows = ablation_rows(finished_runs(args.runs_dir), args.env_id, args.reps, args.seed)
+    if not rows:
+        sys.exit(f"analysis.py: error: no Qflex run on {args.env_id} under " + " ".join(args.runs_dir))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    panels = ((axes[0], "flow_steps", lambda r: r["flow_step_size"] == 0.01, "N, flow steps (eta = 0.01)"),
+              (axes[1], "flow_step_size", lambda r: r["flow_steps"] == 20, "eta, ascent step size (N = 20)"))  # fmt: skip
+    no_flow = [r for r in rows if not r["flow"]]
+    for ax, key, chosen, label in panels:
+        mine = sorted((r for r in rows if r["flow"] and chosen(r)), key=lambda r: r[key])
+        x = [r[key] for r in mine]
+        err = [[r["score_mean"] - r["score_ci_low"] for r in mine], [r["score_ci_high"] - r["score_mean"] for r in mine]]
+        ax.errorbar(x, [r["score_mean"] for r in mine], yerr=err, fmt="o-", capsize=3, label="qflex")
+        for r in no_flow:
+            ax.axhline(r["score_mean"], color="grey", ls="--", lw=1, label=f"--no-flow (n={r['seeds']})")
+            ax.axhspan(r["score_ci_low"], r["score_ci_high"], color="grey", alpha=0.15)
+        if key == "flow_step_size":
+            ax.set_xscale("log")
+        ax.set_xticks(x, [f"{v:g}" for v in x])
+        ax.set_xlabel(label)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("normalised final score")
+    fig.suptitle(f"Qflex flow-step ablation on {args.env_id} (mean, 95 % bootstrap CI over seeds)", fontsize=9)
+    fig.tight_layout()
+    args.out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out / f"{args.name}.png", dpi=130)
+    plt.close(fig)
+    lines = ["| setting | seeds | normalised score [95 % CI] | final return | wall time per run | exp names |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['setting']} | {r['seeds']} | {r['score_mean']:.2f} [{r['score_ci_low']:.2f}, {r['score_ci_high']:.2f}] | "
+              f"{r['return_mean']:.1f} | {r['wall_time_min']:.1f} min | {r['exp_names']} |" for r in rows]  # fmt: skip
+    write_outputs(args.out, args.name, rows, lines + ["", f"Figure: {args.name}.png"])
     return 0
 
 
@@ -394,7 +468,8 @@ def correlation(args) -> int:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("dimension", "score vs |A| on ChainReach"), ("effort", "eval/effort per algorithm"),
+    for name, help_text in (("dimension", "score vs |A| on ChainReach"), ("ablation", "Qflex score vs N, eta, --no-flow"),
+                            ("effort", "eval/effort per algorithm"),
                             ("flow", "Qflex flow diagnostics along training"),
                             ("correlation", "exploration correlation from checkpoints")):  # fmt: skip
         sub = commands.add_parser(name, help=help_text)
@@ -402,8 +477,10 @@ def parse_args(argv):
         sub.add_argument("--out", type=Path, default=Path("results"), help="output folder (default results)")
         sub.add_argument("--name", default=name, help=f"output file stem (default {name})")
         sub.add_argument("--seed", type=int, default=0, help="seed of the bootstrap / the exploration noise")
-        if name == "dimension":
+        if name in ("dimension", "ablation"):
             sub.add_argument("--reps", type=int, default=10_000, help="bootstrap reps")
+        if name == "ablation":
+            sub.add_argument("--env-id", default="ChainReach64-v0", help="the ablation's task (default ChainReach64-v0)")
         if name == "correlation":
             sub.add_argument("--env-id", required=True)
             sub.add_argument("--algos", nargs="+", default=["qflex", "sac"], help="exp names of qflex or sac runs")
@@ -417,7 +494,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return {"dimension": dimension, "effort": effort, "flow": flow, "correlation": correlation}[args.command](args)
+    commands = dict(dimension=dimension, ablation=ablation, effort=effort, flow=flow, correlation=correlation)
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,29 @@ def test_dimension_rows_normalise_and_count_seeds(tmp_path):
     assert row["wall_time_min"] == pytest.approx(1.0)
 
 
+def test_ablation_rows_group_runs_by_their_config_not_their_exp_name(tmp_path):
+    def run(name, seed, final_return, **config):
+        path = tmp_path / f"{name}_{seed}"
+        path.mkdir()
+        config = dict(dict(flow=True, flow_steps=20, flow_step_size=0.01), **config)
+        (path / "config.json").write_text(json.dumps(config))
+        return analysis.plot.Run(algo=name, env_id="ChainReach4-v0", seed=seed, path=path, final_return=final_return,
+                                 wall_time=120.0)  # fmt: skip
+
+    runs = [run("qflex", 1, -102.8), run("qflex_default", 2, -51.4), run("qflex_N5", 1, 0.0, flow_steps=5),
+            run("qflex_noflow", 1, -102.8, flow=False), run("qflex_eta0.03", 1, -51.4, flow_step_size=0.03),
+            analysis.plot.Run(algo="sac", env_id="ChainReach4-v0", seed=1, path=tmp_path, final_return=0.0),
+            run("other_task", 1, 0.0)]  # fmt: skip
+    runs[-1].env_id = "ChainReach16-v0"
+    rows = analysis.ablation_rows(runs, "ChainReach4-v0", reps=200, seed=0)
+    assert [r["setting"] for r in rows] == ["N = 5, eta = 0.01", "N = 20, eta = 0.01", "N = 20, eta = 0.03",
+                                            "no flow (source policy)"]  # fmt: skip
+    default = rows[1]
+    assert (default["seeds"], default["exp_names"]) == (2, "qflex qflex_default")
+    assert default["score_mean"] == pytest.approx(0.25) and default["wall_time_min"] == pytest.approx(2.0)
+    assert rows[0]["score_mean"] == pytest.approx(1.0) and rows[3]["score_mean"] == pytest.approx(0.0)
+
+
 def test_qflex_sampler_is_the_source_sample_then_the_euler_flow():
     qflex = load_script("algos/qflex.py", "qflex_for_analysis")
     torch.manual_seed(0)
@@ -80,11 +103,17 @@ def test_every_command_end_to_end(tmp_path):
     run_algo("sac", *flags, cwd=tmp_path)
     run_algo("qflex", *flags, "--flow-steps", "2", "--euler-steps", "2", cwd=tmp_path)
     out = tmp_path / "out"
-    for command in (["dimension", "--reps", "100"], ["effort"], ["flow"],
-                    ["correlation", "--env-id", "ChainReach4-v0", "--states", "2", "--samples", "200"]):  # fmt: skip
+    for command in (
+        ["dimension", "--reps", "100"],
+        ["ablation", "--env-id", "ChainReach4-v0", "--reps", "100"],
+        ["effort"],
+        ["flow"],
+        ["correlation", "--env-id", "ChainReach4-v0", "--states", "2", "--samples", "200"],
+    ):
         run_script("benchmark/analysis.py", *command, "--runs-dir", str(tmp_path), "--out", str(out), cwd=tmp_path)
-    for name in ("dimension", "flow", "correlation"):
+    for name in ("dimension", "ablation", "flow", "correlation"):
         assert (out / f"{name}.png").stat().st_size > 0
+    assert "| N = 2, eta = 0.01 | 1 |" in (out / "ablation.md").read_text()
     effort_table = (out / "effort.md").read_text()
     assert "| ChainReach4-v0 | qflex | 1 |" in effort_table and "| ChainReach4-v0 | sac | 1 |" in effort_table
     correlation = (out / "correlation.csv").read_text().splitlines()
