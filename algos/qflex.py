@@ -775,9 +775,8 @@ if __name__ == "__main__":
     q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.q_lr, **adam)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, **adam)
     flow_optimizer = torch.optim.Adam(velocity.parameters(), lr=args.flow_lr, **adam)
-    # --compile: the critic and actor steps and the acting path under torch.compile. flow_step stays eager: its
-    # q_guided_flow takes torch.autograd.grad in a Python loop inside the step, which does not trace into one graph.
-    critic_step_fn, actor_step_fn = maybe_compile(critic_step, args), maybe_compile(actor_step, args)
+    # --compile: every update step and the acting path under torch.compile (the flow target's N ascent steps unroll)
+    critic_step_fn, actor_step_fn, flow_step_fn = (maybe_compile(fn, args) for fn in (critic_step, actor_step, flow_step))
     sample_fn, euler_sample_fn = maybe_compile(actor.sample, args), maybe_compile(euler_sample, args)
     # z_fix: the evaluation noise, one vector drawn once from a generator seeded with 0, identical for every seed
     z_fix = torch.randn(act_dim, generator=torch.Generator().manual_seed(0)).to(device)
@@ -929,7 +928,9 @@ if __name__ == "__main__":
                 flow_pair = None
                 if args.flow:
                     t = torch.rand(args.batch_size, device=device, generator=update_generator)
-                    flow_logs, flow_pair = flow_step(batch, noise, t, actor, velocity, qf1_bar, qf2_bar, flow_optimizer, args)
+                    flow_logs, flow_pair = flow_step_fn(
+                        batch, noise, t, actor, velocity, qf1_bar, qf2_bar, flow_optimizer, args
+                    )
                     logs.update(flow_logs)
                 num_updates += 1
                 nonfinite |= nonfinite_loss(logs)

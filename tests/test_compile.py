@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from tests.conftest import assert_one_line_error, final_eval, load_script, run_algo
+from tests.conftest import assert_one_line_error, final_eval, load_script, run_algo, run_main_in_process
 
 ALGOS = ("sac", "qflex", "crossq", "dacer", "sdac")
 MODULES = {}
@@ -49,11 +49,14 @@ def qflex_steps(m):
     args = m.resolve_preset(m.Args(hidden_dim=16, num_layers=2))
     actor, qf1, qf2 = m.Actor(OBS, ACT, 16, 2), m.QNetwork(OBS, ACT, 16, 2), m.QNetwork(OBS, ACT, 16, 2)
     qf1_bar, qf2_bar = m.QNetwork(OBS, ACT, 16, 2).requires_grad_(False), m.QNetwork(OBS, ACT, 16, 2).requires_grad_(False)
+    velocity = m.VelocityField(OBS, ACT, 16, 2)
     noise = torch.randn(B, ACT, generator=torch.Generator().manual_seed(2))
-    batch, q_opt, a_opt = batch_of(m), adam(qf1, qf2), adam(actor)
+    t = torch.rand(B, generator=torch.Generator().manual_seed(3))
+    batch, q_opt, a_opt, flow_opt = batch_of(m), adam(qf1, qf2), adam(actor), adam(velocity)
     return {
         "critic_step": (m.critic_step, (batch, noise, actor, qf1, qf2, qf1_bar, qf2_bar, q_opt, args)),
         "actor_step": (m.actor_step, (batch, noise, actor, qf1_bar, qf2_bar, a_opt)),
+        "flow_step": (m.flow_step, (batch, noise, t, actor, velocity, qf1_bar, qf2_bar, flow_opt, args)),
     }
 
 
@@ -128,6 +131,47 @@ def test_compiled_step_matches_eager(algo, step):
         assert len(eager) == len(compiled) > 0
         for e, c in zip(eager, compiled, strict=True):
             torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-5)
+
+
+def test_qflex_flow_maths_trace_without_graph_breaks():
+    """The flow target's N ascent steps (autograd.grad in a loop) and the Euler sampler each trace into one graph, so
+    --compile and --cudagraphs cover Qflex's most expensive part, not only the critic and actor steps."""
+    m = module("qflex")
+    torch.manual_seed(0)
+    qf1, qf2 = m.QNetwork(OBS, ACT, 16, 2).requires_grad_(False), m.QNetwork(OBS, ACT, 16, 2).requires_grad_(False)
+    velocity, obs, a0 = m.VelocityField(OBS, ACT, 16, 2), torch.randn(B, OBS), torch.rand(B, ACT) * 2 - 1
+    q_fn = lambda o, a: m.q_min_bar(qf1, qf2, o, a)  # noqa: E731
+    for fn, inputs in ((m.q_guided_flow, (q_fn, obs, a0, 5, 0.01, False, True)), (m.euler_sample, (velocity, obs, a0, 5))):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fn)(*inputs)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_qflex_compile_covers_every_update_step(tmp_path, monkeypatch):
+    """With --compile the loop calls the critic, actor and flow steps through what maybe_compile returned, never the
+    plain functions (a stand-in for maybe_compile marks the calls that go through it)."""
+    qflex = load_script("algos/qflex.py", name="qflex_compile_wiring_under_test")
+    through_compile = []
+
+    def marking_compile(fn, args):
+        def compiled(*inputs):
+            through_compile.append(fn)
+            try:
+                return fn(*inputs)
+            finally:
+                through_compile.pop()
+
+        return compiled if args.compile else fn
+
+    qflex.maybe_compile = marking_compile
+    flags = ["--env-id", "ChainReach4-v0", "--num-envs", "2", "--learning-starts", "64", "--total-timesteps", "80",
+             "--batch-size", "16", "--hidden-dim", "16", "--flow-steps", "2", "--euler-steps", "2", "--eval-freq", "0",
+             "--final-eval-episodes", "0", "--compile"]  # fmt: skip
+    names = ("critic_step", "actor_step", "flow_step")
+    _, calls = run_main_in_process(qflex, flags, tmp_path, monkeypatch, names, probe=lambda ns: bool(through_compile))
+    for name in names:
+        mine = [call for call in calls if call.name == name]
+        assert len(mine) == 9 and all(call.before for call in mine), name  # updates at steps 64, 66, ..., 80
 
 
 def test_maybe_compile_is_the_identity_without_the_flags():
