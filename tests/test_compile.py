@@ -121,6 +121,10 @@ def tensors(out) -> list[torch.Tensor]:
 def test_compiled_step_matches_eager(algo, step):
     """From identical networks (built under the same seed), three compiled steps give the eager steps' losses."""
     m = module(algo)
+    # Every case compiles new optimisers, i.e. recompiles Optimizer.step's shared wrapper; past Dynamo's recompile
+    # limit (8) the step would fall back to eager with the capturable flag Dynamo set, which fails on CPU. A fresh
+    # Dynamo per case keeps the cases independent of their number and order.
+    torch._dynamo.reset()
     results = []
     for compiled in (False, True):
         torch.manual_seed(0)
