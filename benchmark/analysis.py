@@ -74,15 +74,19 @@ def dimension_rows(runs: list[plot.Run], reps: int, seed: int) -> list[dict]:
     cells = sorted({(r.algo, r.env_id) for r in runs if actuator_count(r.env_id)}, key=lambda c: (c[0], actuator_count(c[1])))
     for algo, env_id in cells:
         cell = sorted((r for r in runs if (r.algo, r.env_id) == (algo, env_id)), key=lambda r: r.seed)
-        ref = plot.reference_for(env_id)
-        scores = np.array([plot.normalize(r.final_return, ref) for r in cell])
-        mean, lo, hi = plot.bootstrap_mean_ci(scores, reps, rng)
-        rows.append(dict(algo=algo, env_id=env_id, actuators=actuator_count(env_id), seeds=len(cell),
-                         score_mean=float(mean), score_ci_low=float(lo), score_ci_high=float(hi),
-                         return_mean=float(np.mean([r.final_return for r in cell])),
-                         return_std=float(np.std([r.final_return for r in cell])),
-                         wall_time_min=float(np.mean([r.wall_time for r in cell]) / 60)))  # fmt: skip
+        rows.append(dict(algo=algo, env_id=env_id, actuators=actuator_count(env_id), **score_summary(cell, rng, reps)))
     return rows
+
+
+def score_summary(cell: list[plot.Run], rng: np.random.Generator, reps: int) -> dict:
+    """Seeds, normalised final score (mean, 95 % bootstrap CI), raw return and wall time of one cell's runs."""
+    ref = plot.reference_for(cell[0].env_id)
+    scores = np.array([plot.normalize(r.final_return, ref) for r in cell])
+    mean, lo, hi = plot.bootstrap_mean_ci(scores, reps, rng)
+    returns = [r.final_return for r in cell]
+    return dict(seeds=len(cell), score_mean=float(mean), score_ci_low=float(lo), score_ci_high=float(hi),
+                return_mean=float(np.mean(returns)), return_std=float(np.std(returns)),
+                wall_time_min=float(np.mean([r.wall_time for r in cell]) / 60))  # fmt: skip
 
 
 def finished_runs(roots: list[str]) -> list[plot.Run]:
@@ -145,7 +149,7 @@ def ablation_rows(runs: list[plot.Run], env_id: str, reps: int, seed: int) -> li
 
     The setting is read from each run's config.json, not from its exp name, so the default runs of another sweep
     (e.g. the dimension sweep's `qflex`) join the N = 20, eta = 0.01 row."""
-    rng, ref, cells = np.random.default_rng(seed), plot.reference_for(env_id), {}
+    rng, cells = np.random.default_rng(seed), {}
     for run in runs:
         config_path = run.path / "config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -155,14 +159,9 @@ def ablation_rows(runs: list[plot.Run], env_id: str, reps: int, seed: int) -> li
         cells.setdefault(key, []).append(run)
     rows = []
     for (flow_on, steps, step_size), cell in sorted(cells.items(), key=lambda c: (not c[0][0], c[0][2], c[0][1])):
-        scores = np.array([plot.normalize(r.final_return, ref) for r in cell])
-        mean, lo, hi = plot.bootstrap_mean_ci(scores, reps, rng)
         rows.append(dict(setting="no flow (source policy)" if not flow_on else f"N = {steps}, eta = {step_size:g}",
-                         flow=flow_on, flow_steps=steps, flow_step_size=step_size, seeds=len(cell),
-                         exp_names=" ".join(sorted({r.algo for r in cell})), score_mean=float(mean),
-                         score_ci_low=float(lo), score_ci_high=float(hi),
-                         return_mean=float(np.mean([r.final_return for r in cell])),
-                         wall_time_min=float(np.mean([r.wall_time for r in cell]) / 60)))  # fmt: skip
+                         flow=flow_on, flow_steps=steps, flow_step_size=step_size,
+                         exp_names=" ".join(sorted({r.algo for r in cell})), **score_summary(cell, rng, reps)))  # fmt: skip
     return rows
 
 

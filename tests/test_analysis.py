@@ -57,19 +57,17 @@ def test_dimension_rows_normalise_and_count_seeds(tmp_path):
 
 
 def test_ablation_rows_group_runs_by_their_config_not_their_exp_name(tmp_path):
-    def run(name, seed, final_return, **config):
+    def run(name, seed, final_return, env_id="ChainReach4-v0", **config):
         path = tmp_path / f"{name}_{seed}"
         path.mkdir()
         config = dict(dict(flow=True, flow_steps=20, flow_step_size=0.01), **config)
         (path / "config.json").write_text(json.dumps(config))
-        return analysis.plot.Run(algo=name, env_id="ChainReach4-v0", seed=seed, path=path, final_return=final_return,
-                                 wall_time=120.0)  # fmt: skip
+        return analysis.plot.Run(algo=name, env_id=env_id, seed=seed, path=path, final_return=final_return, wall_time=120.0)
 
     runs = [run("qflex", 1, -102.8), run("qflex_default", 2, -51.4), run("qflex_N5", 1, 0.0, flow_steps=5),
             run("qflex_noflow", 1, -102.8, flow=False), run("qflex_eta0.03", 1, -51.4, flow_step_size=0.03),
             analysis.plot.Run(algo="sac", env_id="ChainReach4-v0", seed=1, path=tmp_path, final_return=0.0),
-            run("other_task", 1, 0.0)]  # fmt: skip
-    runs[-1].env_id = "ChainReach16-v0"
+            run("other_task", 1, 0.0, env_id="ChainReach16-v0")]  # fmt: skip
     rows = analysis.ablation_rows(runs, "ChainReach4-v0", reps=200, seed=0)
     assert [r["setting"] for r in rows] == ["N = 5, eta = 0.01", "N = 20, eta = 0.01", "N = 20, eta = 0.03",
                                             "no flow (source policy)"]  # fmt: skip

@@ -1,4 +1,4 @@
-"""ChainReach env: registration, gymnasium conventions, dynamics invariants, speed and solvability."""
+"""ChainReach env: registration, gymnasium conventions, dynamics invariants and solvability."""
 
 import warnings
 
