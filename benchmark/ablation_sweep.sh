@@ -6,30 +6,35 @@
 # sweep's own Qflex ChainReach64-v0 runs (same command), made in DIMENSION if that sweep has not made them yet.
 # One runs folder per variant (exp names qflex_N5, qflex_eta0.03, qflex_noflow, ...). Rerunning resumes the sweep;
 # then `benchmark/analysis.py ablation` writes the table (score, CI, wall time per run) and the figure.
+# Completed runs are kept in the repository as in dimension_sweep.sh (benchmark/archive.py; ARCHIVE and DIMENSION_ARCHIVE).
 #   bash benchmark/ablation_sweep.sh   # OUT=sweeps/ablation DIMENSION=sweeps/dimension/main RESULTS=docs/results WORKERS=2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-sweeps/ablation}
 DIMENSION=${DIMENSION:-sweeps/dimension/main}
 RESULTS=${RESULTS:-docs/results}
+ARCHIVE=${ARCHIVE:-docs/results/archive/ablation}
+DIMENSION_ARCHIVE=${DIMENSION_ARCHIVE:-docs/results/archive/dimension/main}
 WORKERS=${WORKERS:-2}
 SEEDS=${SEEDS:-1 2 3}
 COMMON=(--num-envs 4 --learning-starts 1000 --total-timesteps 20000 --batch-size 128 --hidden-dim 64
     --eval-freq 5000 --eval-episodes 5 --final-eval-episodes 10 --save-model)
 status=0
-runs() {  # runs RUNS_DIR [qflex flags]
-    local dir=$1
-    shift
+runs() {  # runs RUNS_DIR ARCHIVE_DIR [qflex flags]
+    local dir=$1 kept=$2
+    shift 2
+    if [ -d "$kept" ]; then python benchmark/archive.py "$kept" "$dir" || status=$?; fi
     # shellcheck disable=SC2086
     python benchmark/run.py --algos qflex --env-ids ChainReach64-v0 --seeds $SEEDS --workers "$WORKERS" \
         --runs-dir "$dir" -- "${COMMON[@]}" "$@" || status=$?
+    python benchmark/archive.py "$dir" "$kept" || status=$?
 }
 variant() {  # variant NAME [qflex flags]
     local name=$1
     shift
-    runs "$OUT/$name" --exp-name "$name" "$@"
+    runs "$OUT/$name" "$ARCHIVE/$name" --exp-name "$name" "$@"
 }
-runs "$DIMENSION"
+runs "$DIMENSION" "$DIMENSION_ARCHIVE"
 variant qflex_N0 --flow-steps 0
 variant qflex_N5 --flow-steps 5
 variant qflex_N10 --flow-steps 10

@@ -189,6 +189,7 @@ def ablation(args) -> int:
         if key == "flow_step_size":
             ax.set_xscale("log")
         ax.set_xticks(x, [f"{v:g}" for v in x])
+        ax.set_xticks([], minor=True)  # a log axis labels its minor ticks too, over the settings
         ax.set_xlabel(label)
         ax.legend(fontsize=8)
     axes[0].set_ylabel("normalised final score")

@@ -10,22 +10,28 @@
 # final_eval.json carries the effort (eval/effort) of claim 4.
 # Then the analyses (benchmark/analysis.py) write docs/results/dimension*, dimension_effort*, dimension_flow* and
 # dimension_correlation_ChainReach{16,64}* (docs/analysis.md).
-#   bash benchmark/dimension_sweep.sh            # OUT=sweeps/dimension RESULTS=docs/results WORKERS=2
+# Every completed run is also copied into ARCHIVE (benchmark/archive.py: records, configs, final evals, TensorBoard
+# events; no checkpoints), which is kept in the repository; on a new machine the sweep first copies the archive back,
+# so it continues where the last one stopped instead of starting over.
+#   bash benchmark/dimension_sweep.sh  # OUT=sweeps/dimension ARCHIVE=docs/results/archive/dimension RESULTS=docs/results WORKERS=2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-sweeps/dimension}
 RESULTS=${RESULTS:-docs/results}
+ARCHIVE=${ARCHIVE:-docs/results/archive/dimension}
 WORKERS=${WORKERS:-2}
 ENVS=(ChainReach4-v0 ChainReach16-v0 ChainReach64-v0 ChainReach256-v0)
 COMMON=(--num-envs 4 --learning-starts 1000 --total-timesteps 20000 --batch-size 128 --hidden-dim 64
     --eval-freq 5000 --eval-episodes 5 --final-eval-episodes 10 --save-model)
 status=0
 sweep() {  # sweep RUNS_DIR "ALGOS" "SEEDS" [extra algorithm flags]
-    local dir=$1 algos=$2 seeds=$3
+    local dir=$1 algos=$2 seeds=$3 kept=$ARCHIVE/${1##*/}
     shift 3
+    if [ -d "$kept" ]; then python benchmark/archive.py "$kept" "$dir" || status=$?; fi
     # shellcheck disable=SC2086
     python benchmark/run.py --algos $algos --env-ids "${ENVS[@]}" --seeds $seeds --workers "$WORKERS" \
         --runs-dir "$dir" -- "${COMMON[@]}" "$@" || status=$?
+    python benchmark/archive.py "$dir" "$kept" || status=$?
 }
 sweep "$OUT/main" "qflex sac" "1 2 3"
 sweep "$OUT/sac_paper" "sac" "1 2 3" --preset paper --exp-name sac_paper

@@ -436,3 +436,38 @@ def test_resume_budget_changed_arguments_and_no_resume(tmp_path):
     assert (sweep_dir / record["superseded"][0] / "models" / "checkpoint.pt").is_file()
     left = leftover_names(sweep_dir)
     assert left["runs"] == left["models"] == [record["run_name"]] and left["incomplete"] == [f"{run_name}.superseded"]
+
+
+def test_archive_keeps_completed_runs_and_lets_a_new_sweep_continue(tmp_path):
+    """benchmark/archive.py copies only completed runs' small files; copied back, a new sweep skips them."""
+    sweep_dir, args = fake_sweep(tmp_path)
+    bench("run.py", *args, cwd=tmp_path)
+    (run_name,) = [r["run_name"] for r in statuses(sweep_dir).values()]
+    (sweep_dir / "runs" / run_name / "events.out.tfevents.1.host").write_bytes(b"events")  # as the real scripts write
+    kept = tmp_path / "archive"
+    assert "1 run(s) copied, 0 already there" in bench("archive.py", str(sweep_dir), str(kept), cwd=tmp_path).stdout
+    assert sorted(p.name for p in (kept / "runs" / run_name).iterdir()) == [
+        "config.json", "events.out.tfevents.1.host", "final_eval.json", "stdout.log"]  # fmt: skip
+    assert not (kept / "models").exists() and not any((kept / "logs").iterdir())
+    record, archived = statuses(sweep_dir)["fake__ChainReach4-v0__1"], statuses(kept)["fake__ChainReach4-v0__1"]
+    assert archived["command"][0] == "python" and archived["command"][1:] == record["command"][1:]
+    assert {k: v for k, v in archived.items() if k != "command"} == {k: v for k, v in record.items() if k != "command"}
+
+    seeds_at = args.index("--seeds") + 1
+    two_seeds = args[:seeds_at] + ["1", "2"] + args[seeds_at + 1 :]
+    bench("run.py", *two_seeds, cwd=tmp_path)  # seed 2 completes later: copying again adds it
+    assert "1 run(s) copied, 1 already there" in bench("archive.py", str(sweep_dir), str(kept), cwd=tmp_path).stdout
+
+    fresh = tmp_path / "elsewhere"  # another machine: the archive copied back, then the sweep with a third seed
+    assert "2 run(s) copied" in bench("archive.py", str(kept), str(fresh), cwd=tmp_path).stdout
+    three_seeds = [str(fresh) if a == str(sweep_dir) else a for a in args[:seeds_at] + ["1", "2", "3"] + args[seeds_at + 1 :]]
+    out = bench("run.py", *three_seeds, cwd=tmp_path).stdout
+    assert "1 run(s) to go, 2 skipped" in out and "skip fake__ChainReach4-v0__1: completed" in out, out
+    assert statuses(fresh)["fake__ChainReach4-v0__3"]["status"] == "completed"
+
+    other = [{"300": "400", str(sweep_dir): str(tmp_path / "other")}.get(a, a) for a in args]  # other arguments: refused
+    bench("run.py", *other, cwd=tmp_path)
+    clash = bench("archive.py", str(tmp_path / "other"), str(kept), cwd=tmp_path, check=False)
+    assert clash.returncode == 2 and clash.stdout.startswith("archive.py: error:") and "other arguments" in clash.stdout
+    not_a_sweep = bench("archive.py", str(tmp_path / "algos"), str(kept), cwd=tmp_path, check=False)
+    assert not_a_sweep.returncode == 2 and "not a run.py sweep directory" in not_a_sweep.stdout
