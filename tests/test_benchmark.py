@@ -471,3 +471,13 @@ def test_archive_keeps_completed_runs_and_lets_a_new_sweep_continue(tmp_path):
     assert clash.returncode == 2 and clash.stdout.startswith("archive.py: error:") and "other arguments" in clash.stdout
     not_a_sweep = bench("archive.py", str(tmp_path / "algos"), str(kept), cwd=tmp_path, check=False)
     assert not_a_sweep.returncode == 2 and "not a run.py sweep directory" in not_a_sweep.stdout
+
+
+def test_archived_runs_are_not_ignored_by_git():
+    """The archive's runs/ folders must reach the repository although runs/ is ignored everywhere else."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    kept = "docs/results/archive/ablation/qflex_N5/runs/some_run/final_eval.json"
+    elsewhere = "sweeps/ablation/qflex_N5/runs/some_run/final_eval.json"
+    ignored = subprocess.run(["git", "check-ignore", kept, elsewhere], cwd=REPO, capture_output=True, text=True).stdout.split()
+    assert ignored == [elsewhere], ignored
