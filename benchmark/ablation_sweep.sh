@@ -26,8 +26,7 @@ runs() {  # runs RUNS_DIR ARCHIVE_DIR [qflex flags]
     if [ -d "$kept" ]; then python benchmark/archive.py "$kept" "$dir" || status=$?; fi
     # shellcheck disable=SC2086
     python benchmark/run.py --algos qflex --env-ids ChainReach64-v0 --seeds $SEEDS --workers "$WORKERS" \
-        --runs-dir "$dir" -- "${COMMON[@]}" "$@" || status=$?
-    python benchmark/archive.py "$dir" "$kept" || status=$?
+        --runs-dir "$dir" --archive "$kept" -- "${COMMON[@]}" "$@" || status=$?
 }
 variant() {  # variant NAME [qflex flags]
     local name=$1

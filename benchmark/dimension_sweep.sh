@@ -10,9 +10,9 @@
 # final_eval.json carries the effort (eval/effort) of claim 4.
 # Then the analyses (benchmark/analysis.py) write docs/results/dimension*, dimension_effort*, dimension_flow* and
 # dimension_correlation_ChainReach{16,64}* (docs/analysis.md).
-# Every completed run is also copied into ARCHIVE (benchmark/archive.py: records, configs, final evals, TensorBoard
-# events; no checkpoints), which is kept in the repository; on a new machine the sweep first copies the archive back,
-# so it continues where the last one stopped instead of starting over.
+# Every run is also copied into ARCHIVE as it completes (run.py --archive, benchmark/archive.py: records, configs,
+# final evals, TensorBoard events; no checkpoints), which is kept in the repository; on a new machine the sweep first
+# copies the archive back, so it continues where the last one stopped instead of starting over.
 #   bash benchmark/dimension_sweep.sh  # OUT=sweeps/dimension ARCHIVE=docs/results/archive/dimension RESULTS=docs/results WORKERS=2
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,8 +30,7 @@ sweep() {  # sweep RUNS_DIR "ALGOS" "SEEDS" [extra algorithm flags]
     if [ -d "$kept" ]; then python benchmark/archive.py "$kept" "$dir" || status=$?; fi
     # shellcheck disable=SC2086
     python benchmark/run.py --algos $algos --env-ids "${ENVS[@]}" --seeds $seeds --workers "$WORKERS" \
-        --runs-dir "$dir" -- "${COMMON[@]}" "$@" || status=$?
-    python benchmark/archive.py "$dir" "$kept" || status=$?
+        --runs-dir "$dir" --archive "$kept" -- "${COMMON[@]}" "$@" || status=$?
 }
 sweep "$OUT/main" "qflex sac" "1 2 3"
 sweep "$OUT/sac_paper" "sac" "1 2 3" --preset paper --exp-name sac_paper

@@ -684,7 +684,7 @@ def plan(sweep: SweepDir, specs: list[dict], retry_failed: bool) -> tuple[list[d
     return todo, skipped
 
 
-def run_local(sweep: SweepDir, todo: list[dict], workers: int) -> None:
+def run_local(sweep: SweepDir, todo: list[dict], workers: int, on_completed=None) -> None:
     pending = list(todo)
     running: list[RunHandle] = []
     stopping = {"signal": None}
@@ -712,6 +712,8 @@ def run_local(sweep: SweepDir, todo: list[dict], workers: int) -> None:
                         f"[run.py] {record['status']} {record['key']} exit {returncode} in {record['wall_time_s']:.1f}s",
                         flush=True,
                     )
+                    if on_completed is not None and record["status"] == "completed":
+                        on_completed()
             if time.time() - last_beat > 5.0:
                 for handle in running:
                     handle.heartbeat()
@@ -837,6 +839,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="restart interrupted runs from scratch even when they left a checkpoint (--save-model)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print what would run and what is skipped, run nothing")
+    parser.add_argument(
+        "--archive",
+        default=None,
+        help="copy every completed run (without checkpoints) into this archive as soon as it completes "
+        "(benchmark/archive.py; local launcher; other launchers at the end)",
+    )
     parser.add_argument("--python", default=sys.executable, help="interpreter for the algorithm scripts")
     parser.add_argument("--algos-dir", default=str(REPO / "algos"), help="folder with the algorithm scripts")
     parser.add_argument(
@@ -907,11 +915,25 @@ def main(argv: list[str] | None = None) -> int:
         for key, why in skipped.items():
             print(f"[run.py] skip {key}: {why}", flush=True)
         print(f"[run.py] {len(todo)} run(s) to go, {len(skipped)} skipped, in {sweep.root}", flush=True)
+        keep = None
+        if args.archive:
+            from archive import archive  # a sibling script; imported here because it imports this one
+
+            def keep():
+                try:
+                    copied, _ = archive(sweep.root, Path(args.archive))
+                except Exception as error:  # archive.py's SweepError is the class of module `run`, not of __main__
+                    raise SweepError(f"--archive {args.archive}: {error}") from None
+                if copied:
+                    print(f"[run.py] archived {', '.join(copied)} into {args.archive}", flush=True)
+
         if todo:
             if args.launcher == "local":
-                run_local(sweep, todo, args.workers)
+                run_local(sweep, todo, args.workers, keep)
             else:
                 run_submitit(args, sweep, todo)
+        if keep is not None:
+            keep()
     except SweepError as e:
         print(f"run.py: error: {e}", file=sys.stderr)
         return 2

@@ -455,8 +455,10 @@ def test_archive_keeps_completed_runs_and_lets_a_new_sweep_continue(tmp_path):
 
     seeds_at = args.index("--seeds") + 1
     two_seeds = args[:seeds_at] + ["1", "2"] + args[seeds_at + 1 :]
-    bench("run.py", *two_seeds, cwd=tmp_path)  # seed 2 completes later: copying again adds it
-    assert "1 run(s) copied, 1 already there" in bench("archive.py", str(sweep_dir), str(kept), cwd=tmp_path).stdout
+    two_seeds[two_seeds.index("--") : two_seeds.index("--")] = ["--archive", str(kept)]
+    out = bench("run.py", *two_seeds, cwd=tmp_path).stdout  # seed 2 completes later: --archive adds it as it completes
+    assert "archived fake__ChainReach4-v0__2 into" in out and "archived fake__ChainReach4-v0__1" not in out, out
+    assert "0 run(s) copied, 2 already there" in bench("archive.py", str(sweep_dir), str(kept), cwd=tmp_path).stdout
 
     fresh = tmp_path / "elsewhere"  # another machine: the archive copied back, then the sweep with a third seed
     assert "2 run(s) copied" in bench("archive.py", str(kept), str(fresh), cwd=tmp_path).stdout
