@@ -1020,11 +1020,11 @@ if __name__ == "__main__":
     target_entropy = -args.target_entropy_scale * act_dim
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=args.autotune)
     a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr, **adam)
-    # --compile: the critic step, the sampling chain (acting and a') and the Polyak update under torch.compile. Eager:
-    # alpha_step (the GMM entropy fit iterates to convergence with data-dependent Python checks) and, with the linear
-    # lr schedule, actor_step (its Python-float lr changes every step, so each step would recompile).
+    # --compile: the critic and actor steps, the sampling chain (acting and a') and the Polyak update under
+    # torch.compile (the scheduled Python-float lr does not recompile: Dynamo traces floats as inputs). Eager:
+    # alpha_step (the GMM entropy fit iterates to convergence with data-dependent Python checks).
     critic_step_fn, polyak_update_fn = maybe_compile(critic_step, args), maybe_compile(polyak_update, args)
-    actor_step_fn = maybe_compile(actor_step, args) if args.lr_schedule == "constant" else actor_step
+    actor_step_fn = maybe_compile(actor_step, args)
     sample_fn = maybe_compile(actor.sample, args)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device, replay_generator)
     # b_i of the distributional loss: EMA of each critic's batch-mean std (-1 = not initialised yet).

@@ -743,10 +743,11 @@ if __name__ == "__main__":
     target_entropy = -args.target_entropy_scale * act_dim
     log_alpha = torch.tensor(math.log(args.alpha), device=device, requires_grad=args.autotune)
     a_optimizer = torch.optim.Adam([log_alpha], lr=args.alpha_lr, **adam)
-    # --compile: the critic and alpha steps and the Polyak updates under torch.compile. Eager: best_of_n (acting and
-    # a0/a'; it draws from a torch.Generator inside, which does not trace) and actor_step (its Python-float lr follows
-    # the linear schedule, so each step would recompile).
-    critic_step_fn, alpha_step_fn = maybe_compile(critic_step, args), maybe_compile(alpha_step, args)
+    # --compile: the critic, actor and alpha steps and the Polyak updates under torch.compile (the scheduled
+    # Python-float lr does not recompile: Dynamo traces floats as inputs). Eager: best_of_n (acting and a0/a'; it
+    # draws from a torch.Generator inside, which does not trace).
+    critic_step_fn, actor_step_fn = maybe_compile(critic_step, args), maybe_compile(actor_step, args)
+    alpha_step_fn = maybe_compile(alpha_step, args)
     polyak_update_fn = maybe_compile(polyak_update, args)
     rb = ReplayBuffer(args.buffer_size, obs_dim, act_dim, device, replay_generator)
     # effective sample size of the reverse-sample weights, summed per diffusion step t between logs
@@ -901,7 +902,9 @@ if __name__ == "__main__":
                     policy_steps = num_updates // args.policy_delay  # optax counts the lr schedule in these
                     lr = linear_lr(policy_steps, args.policy_lr, args.policy_lr_end, args.lr_decay_begin, args.lr_decay_steps)
                     a0 = bon_actions[args.batch_size :]
-                    actor_logs, ess = actor_step(batch, a0, t, eps1, eps2, actor, qf1, qf2, actor_optimizer, alpha, lr, args)
+                    actor_logs, ess = actor_step_fn(
+                        batch, a0, t, eps1, eps2, actor, qf1, qf2, actor_optimizer, alpha, lr, args
+                    )
                     logs.update(actor_logs)
                     ess_sum.index_add_(0, t, ess)
                     ess_count.index_add_(0, t, torch.ones_like(ess))

@@ -99,8 +99,13 @@ def sdac_steps(m):
     next_actions = torch.rand(B, ACT, generator=torch.Generator().manual_seed(2)) * 2 - 1
     log_alpha = torch.tensor(-1.0, requires_grad=True)
     batch, q_opt, a_opt = batch_of(m), adam(qf1, qf2), torch.optim.Adam([log_alpha], lr=1e-2)
+    actor = m.Actor(OBS, ACT, 16, 2, betas=m.linear_beta_schedule(5, 0.3), x_T_scale=0.5, time_dim=4)
+    g = torch.Generator().manual_seed(3)
+    a0, t = torch.rand(B, ACT, generator=g) * 2 - 1, torch.randint(0, 5, (B,), generator=g)
+    eps1, eps2 = torch.randn(B, ACT, generator=g), torch.randn(B, 4, ACT, generator=g)
     return {
         "critic_step": (m.critic_step, (batch, next_actions, qf1, qf2, qf1_t, qf2_t, q_opt, args)),
+        "actor_step": (m.actor_step, (batch, a0, t, eps1, eps2, actor, qf1, qf2, adam(actor), 0.1, 1e-2, args)),
         "alpha_step": (m.alpha_step, (log_alpha, a_opt, -2.0, ACT, 0.1)),
     }
 
@@ -137,6 +142,40 @@ def test_compiled_step_matches_eager(algo, step):
             torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-5)
 
 
+LR_INDEX = {"dacer": 7, "sdac": 10}  # where actor_step takes the scheduled lr
+
+
+@pytest.mark.parametrize("algo", sorted(LR_INDEX))
+def test_scheduled_lr_actor_step_compiles_once_and_matches_eager(algo):
+    """The linear lr schedule hands actor_step a new Python float every step: compiled, it does not recompile per step
+    (after the first change Dynamo traces the float as a graph input) nor drift from eager, and the optimiser runs at
+    the lr it was given."""
+    from torch._dynamo.utils import counters
+
+    m = module(algo)
+    results, graphs = [], []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        fn, inputs = BUILDERS[algo](m)["actor_step"]
+        fn, inputs = m.maybe_compile(fn, m.Args(compile=compiled)), list(inputs)
+        outs = []
+        for i in range(6):
+            inputs[LR_INDEX[algo]] = 1e-2 * (1 - 0.1 * i)
+            outs.append(tensors(fn(*inputs)))
+            if i in (2, 5):
+                graphs.append(counters["stats"]["unique_graphs"])
+        optimizer = next(x for x in inputs if isinstance(x, torch.optim.Optimizer))
+        assert optimizer.param_groups[0]["lr"] == inputs[LR_INDEX[algo]]
+        results.append(outs)
+    # eager: no graph; compiled: once the lr has changed (the first change recompiles once, marking it dynamic), no new one
+    assert graphs[0] == graphs[1] == 0 and graphs[3] == graphs[2] > 0, graphs
+    for eager, compiled in zip(*results, strict=True):
+        for e, c in zip(eager, compiled, strict=True):
+            torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-5)
+
+
 def test_qflex_flow_maths_trace_without_graph_breaks():
     """The flow target's N ascent steps (autograd.grad in a loop) and the Euler sampler each trace into one graph, so
     --compile and --cudagraphs cover Qflex's most expensive part, not only the critic and actor steps."""
@@ -151,10 +190,21 @@ def test_qflex_flow_maths_trace_without_graph_breaks():
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-def test_qflex_compile_covers_every_update_step(tmp_path, monkeypatch):
-    """With --compile the loop calls the critic, actor and flow steps through what maybe_compile returned, never the
-    plain functions (a stand-in for maybe_compile marks the calls that go through it)."""
-    qflex = load_script("algos/qflex.py", name="qflex_compile_wiring_under_test")
+SHORT = ["--env-id", "ChainReach4-v0", "--num-envs", "2", "--learning-starts", "64", "--total-timesteps", "80", "--batch-size",
+         "16", "--hidden-dim", "16", "--eval-freq", "0", "--final-eval-episodes", "0", "--compile"]  # fmt: skip
+WIRING = {  # algo: (its own flags, the update steps that --compile must cover)
+    "qflex": (["--flow-steps", "2", "--euler-steps", "2"], ("critic_step", "actor_step", "flow_step")),
+    "dacer": (["--num-timesteps", "3", "--alpha-every", "1000"], ("critic_step", "actor_step")),
+    "sdac": (["--num-timesteps", "3", "--num-particles", "2", "--alpha-every", "1000"], ("critic_step", "actor_step")),
+}
+
+
+@pytest.mark.parametrize("algo", sorted(WIRING))
+def test_compile_covers_every_update_step(algo, tmp_path, monkeypatch):
+    """With --compile the loop calls the update steps through what maybe_compile returned, never the plain functions
+    (a stand-in for maybe_compile marks the calls that go through it). DACER and SDAC: actor_step at the default
+    linear lr schedule too."""
+    m = load_script(f"algos/{algo}.py", name=f"{algo}_compile_wiring_under_test")
     through_compile = []
 
     def marking_compile(fn, args):
@@ -167,15 +217,14 @@ def test_qflex_compile_covers_every_update_step(tmp_path, monkeypatch):
 
         return compiled if args.compile else fn
 
-    qflex.maybe_compile = marking_compile
-    flags = ["--env-id", "ChainReach4-v0", "--num-envs", "2", "--learning-starts", "64", "--total-timesteps", "80",
-             "--batch-size", "16", "--hidden-dim", "16", "--flow-steps", "2", "--euler-steps", "2", "--eval-freq", "0",
-             "--final-eval-episodes", "0", "--compile"]  # fmt: skip
-    names = ("critic_step", "actor_step", "flow_step")
-    _, calls = run_main_in_process(qflex, flags, tmp_path, monkeypatch, names, probe=lambda ns: bool(through_compile))
+    m.maybe_compile = marking_compile
+    own_flags, names = WIRING[algo]
+    _, calls = run_main_in_process(m, SHORT + own_flags, tmp_path, monkeypatch, names, probe=lambda ns: bool(through_compile))
     for name in names:
         mine = [call for call in calls if call.name == name]
-        assert len(mine) == 9 and all(call.before for call in mine), name  # updates at steps 64, 66, ..., 80
+        assert mine and all(call.before for call in mine), name
+        if algo == "qflex":
+            assert len(mine) == 9, name  # updates at steps 64, 66, ..., 80
 
 
 def test_maybe_compile_is_the_identity_without_the_flags():
