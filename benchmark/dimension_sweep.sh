@@ -5,7 +5,8 @@
 # at one shared budget and width chosen by measurement (docs/analysis.md): 4 envs, 1k uniform warm-up transitions,
 # 20k transitions (4,750 updates of batch 128), hidden width 64, evaluations of 5 episodes every 5k transitions and a
 # final one of 10. Seeds 1-5 for qflex, sac and sac_paper, 1-3 for crossq, dacer and sdac (4 particles instead of 32,
-# as in cpu_budget.sh). Runs are ordered so that 3 seeds of everything finish first. Rerunning resumes the sweep.
+# as in cpu_budget.sh). Runs are ordered so that 3 seeds of everything but SDAC (the slowest) finish first, then
+# seeds 4-5 of qflex, sac and sac_paper, then SDAC. Rerunning resumes the sweep.
 # Every run keeps its final checkpoint (no buffer), which benchmark/analysis.py reads for the exploration analysis;
 # final_eval.json carries the effort (eval/effort) of claim 4.
 # Then the analyses (benchmark/analysis.py) write docs/results/dimension*, dimension_effort*, dimension_flow* and
@@ -35,9 +36,9 @@ sweep() {  # sweep RUNS_DIR "ALGOS" "SEEDS" [extra algorithm flags]
 sweep "$OUT/main" "qflex sac" "1 2 3"
 sweep "$OUT/sac_paper" "sac" "1 2 3" --preset paper --exp-name sac_paper
 sweep "$OUT/main" "crossq dacer" "1 2 3"
-sweep "$OUT/main" "sdac" "1 2 3" --num-particles 4
 sweep "$OUT/main" "qflex sac" "4 5"
 sweep "$OUT/sac_paper" "sac" "4 5" --preset paper --exp-name sac_paper
+sweep "$OUT/main" "sdac" "1 2 3" --num-particles 4
 DIRS=("$OUT/main" "$OUT/sac_paper")
 python benchmark/analysis.py dimension --runs-dir "${DIRS[@]}" --out "$RESULTS" --name dimension || status=$?
 python benchmark/analysis.py effort --runs-dir "${DIRS[@]}" --out "$RESULTS" --name dimension_effort || status=$?
